@@ -1,0 +1,51 @@
+"""The one place errors become HTTP responses, in Apiframe's shape. No stack trace, vendor
+body or key ever reaches a client."""
+
+from __future__ import annotations
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException, ValidationException
+
+from gateway.errors import GatewayError
+from gateway.uploads import UploadRejected
+
+log = structlog.get_logger()
+
+
+def gateway_error(_: Request, exc: GatewayError) -> Response:
+    return Response(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+def upload_rejected(_: Request, exc: UploadRejected) -> Response:
+    return Response({"error": exc.message, "code": "validation_error", "details": {exc.path: [exc.message]}}, status_code=400)
+
+
+def http_exception(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    if isinstance(exc, NotFoundException):
+        message = "Not found"
+    elif isinstance(exc, ValidationException):
+        message = "Invalid request"
+    elif isinstance(exc, NotAuthorizedException):
+        message = "API key is required"
+    elif status == 413:
+        message = "Request body is too large"
+    elif status == 405:
+        message = "Method not allowed"
+    else:
+        message = exc.detail if status < 500 else "Internal server error"
+    return Response({"error": message}, status_code=status, headers=exc.headers or None)
+
+
+def unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("request_failed", error_type=type(exc).__name__)
+    return Response({"error": "Internal server error"}, status_code=500)
+
+
+EXCEPTION_HANDLERS = {
+    GatewayError: gateway_error,
+    UploadRejected: upload_rejected,
+    HTTPException: http_exception,
+    Exception: unexpected,
+}

@@ -1,0 +1,56 @@
+"""``/v2/loras``: create (streamed multipart), list, get, delete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from litestar import Controller, Request, Response, delete, get, post
+
+from gateway.api.auth import caller, gateway
+from gateway.api.params import parse_query
+from gateway.api.views import lora_view
+from gateway.services import loras as lora_service
+from gateway.uploads import receive_upload
+
+
+class LoraController(Controller):
+    path = "/v2/loras"
+    tags = ["LoRAs"]
+
+    @post("/", status_code=202, request_max_body_size=None, summary="Create a LoRA (multipart upload of 15–30 photos)")
+    async def create(self, request: Request) -> Response:
+        gw = gateway(request)
+        principal = await caller(request)
+        await lora_service.precheck_create(gw, principal)
+        tmp_root = gw.settings.uploads.tmp_dir
+        upload = await receive_upload(
+            request.stream(), request.headers.get("content-type"), gw.upload_limits,
+            tmp_root=None if tmp_root is None else Path(tmp_root),
+        )
+        try:
+            lora = await lora_service.create(gw, principal, upload)
+        finally:
+            upload.cleanup()
+        return Response({"id": lora.id, "status": lora.status, "imageCount": lora.image_count}, status_code=202)
+
+    @get("/", summary="List LoRAs, newest first")
+    async def list_loras(self, request: Request) -> Response:
+        gw = gateway(request)
+        principal = await caller(request)
+        q = parse_query(
+            request,
+            {"cursor": ("uuid", None), "limit": ("int:1:100", 24), "includeArchived": ("bool", False)},
+        )
+        items, next_cursor = await lora_service.list_page(
+            gw, principal, limit=q["limit"], cursor=q["cursor"], include_archived=q["includeArchived"]
+        )
+        return Response({"items": [lora_view(i) for i in items], "nextCursor": next_cursor})
+
+    @get("/{lora_id:str}", summary="Get a LoRA")
+    async def get_lora(self, request: Request, lora_id: str) -> Response:
+        lora = await lora_service.get(gateway(request), await caller(request), lora_id)
+        return Response(lora_view(lora))
+
+    @delete("/{lora_id:str}", status_code=204, summary="Archive a LoRA (idempotent)")
+    async def delete_lora(self, request: Request, lora_id: str) -> None:
+        await lora_service.delete(gateway(request), await caller(request), lora_id)

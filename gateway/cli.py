@@ -1,0 +1,279 @@
+"""``lora-gateway``: serve, worker, and admin commands (teams, keys, credits)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any, Awaitable, Callable
+
+import anyio
+
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.errors import GatewayError
+from gateway.logging import configure_logging
+from gateway.services import accounts
+from gateway.store.db import Database
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    overrides: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    if getattr(args, "data_dir", None):
+        settings = _replace(settings, data_dir=args.data_dir)
+    if overrides:
+        import msgspec
+
+        settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(settings.server, **overrides))
+    return settings
+
+
+def _replace(settings: Settings, **kw: Any) -> Settings:
+    import msgspec
+
+    return msgspec.structs.replace(settings, **kw)
+
+
+async def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[Any]]) -> Any:
+    db = Database(settings.database_path, busy_timeout_ms=settings.database.busy_timeout_ms, read_connections=1)
+    await db.open()
+    try:
+        return await fn(db)
+    finally:
+        await db.close()
+
+
+def _base_url(settings: Settings) -> str:
+    if settings.server.public_base_url:
+        return settings.server.public_base_url.rstrip("/")
+    host = settings.server.host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{shown}:{settings.server.port}"
+
+
+async def _bootstrap(settings: Settings) -> str | None:
+    """On a new database: a default team with credits and one key, returned to be shown once."""
+
+    async def go(db: Database) -> str | None:
+        if await accounts.list_teams(db):
+            return None
+        _, new = await accounts.create_team(
+            db, name="default", credits=settings.teams.bootstrap_credits,
+            max_concurrent_trainings=settings.teams.max_concurrent_trainings,
+        )
+        return new.key
+
+    return await _with_db(settings, go)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(args)
+    configure_logging(settings.logging.format, settings.logging.level)
+    key = anyio.run(_bootstrap, settings)
+    base = _base_url(settings)
+    print(f"lora-gateway {_version()} on {base}  (data in {settings.data_path.resolve()})", flush=True)
+    if key:
+        print(
+            "\nA default team was created with "
+            f"{settings.teams.bootstrap_credits} credits. Its API key is shown only this once:\n\n"
+            f"    {key}\n\n"
+            "Try it:\n\n"
+            f'    curl -s {base}/v2/me -H "X-API-Key: {key}"\n',
+            flush=True,
+        )
+    else:
+        print("Make another key with:  lora-gateway keys create <team-id>   (teams: lora-gateway teams list)", flush=True)
+    print(f"API docs: {base}/schema/swagger", flush=True)
+    config = uvicorn.Config(
+        create_app(settings), host=settings.server.host, port=settings.server.port,
+        lifespan="on", access_log=False, log_level="warning",
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gateway.context import open_gateway
+    from gateway.engine.worker import Engine
+
+    settings = _settings(args)
+    configure_logging(settings.logging.format, settings.logging.level)
+
+    async def run() -> None:
+        async with open_gateway(settings) as gw:
+            engine = Engine(gw)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.run)
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        break
+
+    anyio.run(run)
+    return 0
+
+
+def _admin(args: argparse.Namespace, fn: Callable[[Database], Awaitable[Any]]) -> int:
+    settings = _settings(args)
+    configure_logging(settings.logging.format, "warning")
+    anyio.run(_with_db, settings, fn)
+    return 0
+
+
+def cmd_teams_create(args: argparse.Namespace) -> int:
+    async def go(db: Database) -> None:
+        team, new = await accounts.create_team(
+            db, name=args.name, credits=args.credits, max_concurrent_trainings=args.max_trainings, email=args.email
+        )
+        print(f"team {team.id}  name={team.name}  credits={team.credits}  max_concurrent_trainings={team.max_concurrent_trainings}")
+        print(f"API key (shown only this once): {new.key}")
+
+    return _admin(args, go)
+
+
+def cmd_teams_list(args: argparse.Namespace) -> int:
+    async def go(db: Database) -> None:
+        for t in await accounts.list_teams(db):
+            rate = t.rate_limit_per_minute if t.rate_limit_per_minute is not None else "default"
+            print(f"{t.id}  {t.name!r}  credits={t.credits}  max_concurrent_trainings={t.max_concurrent_trainings}  rate_limit={rate}")
+
+    return _admin(args, go)
+
+
+def cmd_teams_limits(args: argparse.Namespace) -> int:
+    async def go(db: Database) -> None:
+        t = await accounts.set_limits(
+            db, args.team, max_concurrent_trainings=args.max_trainings, rate_limit_per_minute=args.rate_limit
+        )
+        print(f"team {t.id}  max_concurrent_trainings={t.max_concurrent_trainings}  rate_limit={t.rate_limit_per_minute}")
+
+    return _admin(args, go)
+
+
+def cmd_credits_add(args: argparse.Namespace) -> int:
+    async def go(db: Database) -> None:
+        t = await accounts.add_credits(db, args.team, args.amount, args.reason)
+        print(f"team {t.id}  credits={t.credits}")
+
+    return _admin(args, go)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    async def go(db: Database) -> None:
+        new = await accounts.create_key(db, args.team, args.name)
+        print(f"key {new.record.id}  name={new.record.name}  prefix={new.record.prefix}")
+        print(f"API key (shown only this once): {new.key}")
+
+    return _admin(args, go)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    async def go(db: Database) -> None:
+        done = await accounts.revoke_key(db, args.key_id)
+        print("revoked" if done else "no such key, or already revoked")
+
+    return _admin(args, go)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def go(db: Database) -> None:
+        for k in await accounts.list_keys(db, args.team):
+            state = "revoked" if k.revoked_at else ("active" if k.active else "inactive")
+            print(f"{k.id}  {k.prefix}…  {k.name!r}  {state}")
+
+    return _admin(args, go)
+
+
+def _version() -> str:
+    from gateway import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-gateway", description="A self-hosted gateway for personal image LoRAs.")
+    p.add_argument("--version", action="version", version=f"lora-gateway {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+        sp.add_argument("--data-dir", help="override data_dir (database, blobs, provider state)")
+
+    s = sub.add_parser("serve", help="run the API (and, by default, the workers)")
+    common(s)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("worker", help="run only the engine's workers against the same database")
+    common(s)
+    s.set_defaults(fn=cmd_worker)
+
+    teams = sub.add_parser("teams", help="manage teams").add_subparsers(dest="action", required=True)
+    s = teams.add_parser("create", help="create a team with an owner and an API key")
+    common(s)
+    s.add_argument("name")
+    s.add_argument("--credits", type=int, default=0)
+    s.add_argument("--max-trainings", type=int, default=10, help="max_concurrent_trainings (default 10)")
+    s.add_argument("--email")
+    s.set_defaults(fn=cmd_teams_create)
+    s = teams.add_parser("list", help="list teams")
+    common(s)
+    s.set_defaults(fn=cmd_teams_list)
+    s = teams.add_parser("set-limits", help="set a team's max_concurrent_trainings and/or rate limit")
+    common(s)
+    s.add_argument("team")
+    s.add_argument("--max-trainings", type=int)
+    s.add_argument("--rate-limit", type=int, help="requests per minute per key (0 = unlimited)")
+    s.set_defaults(fn=cmd_teams_limits)
+
+    credits = sub.add_parser("credits", help="manage credits").add_subparsers(dest="action", required=True)
+    s = credits.add_parser("add", help="add (or, with a negative amount, remove) credits")
+    common(s)
+    s.add_argument("team")
+    s.add_argument("amount", type=int)
+    s.add_argument("--reason", default="admin grant")
+    s.set_defaults(fn=cmd_credits_add)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    s = keys.add_parser("create", help="create a key (shown once)")
+    common(s)
+    s.add_argument("team")
+    s.add_argument("--name", default="default")
+    s.set_defaults(fn=cmd_keys_create)
+    s = keys.add_parser("revoke", help="revoke a key")
+    common(s)
+    s.add_argument("key_id")
+    s.set_defaults(fn=cmd_keys_revoke)
+    s = keys.add_parser("list", help="list a team's keys")
+    common(s)
+    s.add_argument("team")
+    s.set_defaults(fn=cmd_keys_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"lora-gateway: config error: {e}", file=sys.stderr)
+        return 2
+    except GatewayError as e:
+        print(f"lora-gateway: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

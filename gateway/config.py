@@ -1,0 +1,217 @@
+"""Settings: one msgspec Struct tree, loaded from YAML with ``${ENV}`` references.
+
+Nothing is read at import time: ``load_settings(path)`` is called once by the CLI (or by a
+test) and the result is passed to ``create_app``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """Raised for a bad config file; the message names the offending key."""
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerSettings(_Base):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    #: the URL clients reach the gateway at; signed file URLs and vendor callbacks use it
+    public_base_url: str | None = None
+    #: HMAC key for signed file URLs; empty = generated once and kept in the database
+    url_signing_secret: str | None = None
+    #: how long a signed URL for a generated image stays valid
+    file_url_ttl_s: PosInt = 86_400
+    #: run the engine's workers inside the API process
+    run_workers: bool = True
+
+
+class DatabaseSettings(_Base):
+    #: SQLite file; relative paths are relative to ``data_dir``
+    path: str = "gateway.sqlite3"
+    busy_timeout_ms: PosInt = 10_000
+    read_connections: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
+
+
+class StorageSettings(_Base):
+    backend: str = "local"
+    #: the backend's own options, e.g. ``{root: /srv/blobs}`` for ``local``
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class UploadSettings(_Base):
+    min_images: Annotated[int, msgspec.Meta(ge=1)] = 15
+    max_images: Annotated[int, msgspec.Meta(ge=1)] = 30
+    max_image_mb: Positive = 10
+    max_total_mb: Positive = 100
+    max_image_pixels: PosInt = 40_000_000
+    #: where uploads are spooled while streaming (default: the system temp dir)
+    tmp_dir: str | None = None
+
+
+class DatasetSettings(_Base):
+    max_side: Annotated[int, msgspec.Meta(ge=64, le=4096)] = 1024
+    jpeg_quality: Annotated[int, msgspec.Meta(ge=50, le=100)] = 92
+    #: ``template`` (default) or ``openai`` (configure it under ``captioners.openai``)
+    captioner: str = "template"
+
+
+class EngineSettings(_Base):
+    #: how often idle workers look for due rows (new work in-process wakes them at once)
+    poll_interval_s: Positive = 0.5
+    #: a worker's lease on a row; a crashed worker's rows are taken over after this
+    lease_s: Positive = 120
+    #: rows worked on at once by one process
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    #: first wait between provider status polls, doubling up to ``max_poll_interval_s``
+    min_poll_interval_s: Positive = 1.0
+    max_poll_interval_s: Positive = 30.0
+    #: tries per lora or job across all providers (the fallback budget)
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    #: an attempt with no progress for this long is abandoned and moved on
+    stuck_after_s: Positive = 3600
+    #: largest artifact (LoRA weights) copied into storage
+    max_artifact_mb: Positive = 2048
+    #: largest generated image fetched from a provider
+    max_image_mb: Positive = 50
+
+
+class RouteSettings(_Base):
+    strategy: Literal["priority", "cheapest"] = "priority"
+    providers: list[str] = msgspec.field(default_factory=lambda: ["sandbox"])
+
+
+class RoutingSettings(_Base):
+    training: RouteSettings = msgspec.field(default_factory=RouteSettings)
+    inference: RouteSettings = msgspec.field(default_factory=RouteSettings)
+
+
+class TeamDefaults(_Base):
+    #: credits given to the team created on a new database
+    bootstrap_credits: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    max_concurrent_trainings: Annotated[int, msgspec.Meta(ge=0)] = 10
+    #: requests per minute per API key (0 = unlimited)
+    rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 600
+
+
+class LoggingSettings(_Base):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(_Base):
+    #: where the database, blobs and provider state live by default
+    data_dir: str = "./lora-gateway-data"
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    uploads: UploadSettings = msgspec.field(default_factory=UploadSettings)
+    datasets: DatasetSettings = msgspec.field(default_factory=DatasetSettings)
+    #: per-captioner options, keyed by captioner name
+    captioners: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+    routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
+    #: enabled providers and their options, keyed by provider name
+    providers: dict[str, dict[str, Any]] = msgspec.field(default_factory=lambda: {"sandbox": {}})
+    teams: TeamDefaults = msgspec.field(default_factory=TeamDefaults)
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def database_path(self) -> Path:
+        p = Path(self.database.path).expanduser()
+        return p if p.is_absolute() else self.data_path / p
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: str, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable ${{{name}}} is not set")
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _key_from_msgspec(err: msgspec.ValidationError) -> str:
+    m = re.search(r"at `\$\.?(.*)`", str(err))
+    return m.group(1) if m else ""
+
+
+def settings_from_mapping(raw: dict[str, Any] | None, *, env: dict[str, str] | None = None, source: str = "config") -> Settings:
+    """Build Settings from a plain mapping (already parsed YAML), expanding ``${ENV}``."""
+    env = dict(os.environ) if env is None else env
+    raw = _expand_env(raw or {}, "", env)
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        key = _key_from_msgspec(e)
+        msg = str(e).split(" - at `")[0]
+        raise ConfigError(f"{source}: invalid value for `{key or '(top level)'}`: {msg}") from None
+    _check_consistency(settings, source)
+    return settings
+
+
+def load_settings(path: str | Path | None, *, env: dict[str, str] | None = None) -> Settings:
+    """Load a YAML config file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return settings_from_mapping({}, env=env, source="defaults")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return settings_from_mapping(raw, env=env, source=str(p))
+
+
+def _check_consistency(s: Settings, source: str) -> None:
+    if s.uploads.min_images > s.uploads.max_images:
+        raise ConfigError(f"{source}: `uploads.min_images` is larger than `uploads.max_images`")
+    if s.engine.min_poll_interval_s > s.engine.max_poll_interval_s:
+        raise ConfigError(f"{source}: `engine.min_poll_interval_s` is larger than `engine.max_poll_interval_s`")
+    for op in ("training", "inference"):
+        route: RouteSettings = getattr(s.routing, op)
+        if not route.providers:
+            raise ConfigError(f"{source}: `routing.{op}.providers` is empty")
+        for name in route.providers:
+            if name not in s.providers:
+                raise ConfigError(
+                    f"{source}: `routing.{op}.providers` names `{name}`, which is not configured under `providers`"
+                )
+    if s.server.public_base_url is not None and not re.match(r"^https?://", s.server.public_base_url):
+        raise ConfigError(f"{source}: `server.public_base_url` must start with http:// or https://")

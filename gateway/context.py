@@ -1,0 +1,174 @@
+"""The Gateway: everything one process builds from Settings, in one object on ``app.state``.
+
+``open_gateway`` is used by both the API (in its lifespan) and ``lora-gateway worker``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import httpx
+import msgspec
+import pluggy
+import structlog
+
+from gateway.config import ConfigError, Settings
+from gateway.engine.routing import CircuitBreaker, Router
+from gateway.ratelimit import RateLimiter
+from gateway.signing import UrlSigner
+from gateway.store.db import Database
+from gateway.uploads import UploadLimits
+from plugins import manager as plugin_manager
+from plugins.captioners.base import Captioner
+from plugins.storage.base import Storage
+from providers.base import Provider, ProviderSetup
+
+log = structlog.get_logger()
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    db: Database
+    storage: Storage
+    captioner: Captioner
+    fallback_captioner: Captioner
+    providers: dict[str, Provider]
+    router: Router
+    signer: UrlSigner
+    rate_limiter: RateLimiter
+    wake: Callable[[], None] = lambda: None
+    closers: list[Any] = field(default_factory=list)
+
+    @property
+    def upload_limits(self) -> UploadLimits:
+        u = self.settings.uploads
+        return UploadLimits(
+            min_images=u.min_images,
+            max_images=u.max_images,
+            max_image_bytes=int(u.max_image_mb * MB),
+            max_total_bytes=int(u.max_total_mb * MB),
+            max_body_bytes=int(u.max_total_mb * MB) + 5 * MB,
+            max_image_pixels=u.max_image_pixels,
+        )
+
+    @property
+    def work_dir(self) -> Path:
+        return self.settings.data_path / "work"
+
+    def file_url(self, key: str) -> str:
+        return self.signer.sign(key, self.settings.server.file_url_ttl_s)
+
+
+def _decode_section(type_: type, raw: dict[str, Any], where: str) -> Any:
+    try:
+        return msgspec.convert(raw or {}, type_, strict=False)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        path = text.split("at `$")[-1].rstrip("`").lstrip(".") if "at `$" in text else ""
+        key = f"{where}.{path}" if path else where
+        raise ConfigError(f"invalid value for `{key}`: {text.split(' - at `')[0]}") from None
+
+
+async def _signing_secret(db: Database, configured: str | None) -> bytes:
+    if configured:
+        return configured.encode()
+    async with db.tx() as conn:
+        rows = list(await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'url_signing_secret'"))
+        if rows:
+            return bytes.fromhex(rows[0][0])
+        secret = secrets.token_bytes(32)
+        await conn.execute("INSERT INTO meta (key, value) VALUES ('url_signing_secret', ?)", (secret.hex(),))
+        return secret
+
+
+@contextlib.asynccontextmanager
+async def open_gateway(
+    settings: Settings,
+    *,
+    pm: pluggy.PluginManager | None = None,
+    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+) -> AsyncIterator[Gateway]:
+    """Open the database, build storage, captioners and providers; close them all on exit."""
+    pm = pm or plugin_manager.make_plugin_manager()
+    transports = transports or {}
+    data_dir = settings.data_path
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    storage_classes = plugin_manager.storages(pm)
+    caption_classes = plugin_manager.captioners(pm)
+    provider_classes = plugin_manager.providers(pm)
+    if settings.storage.backend not in storage_classes:
+        raise ConfigError(f"`storage.backend`: unknown backend {settings.storage.backend!r} (have {sorted(storage_classes)})")
+    if settings.datasets.captioner not in caption_classes:
+        raise ConfigError(f"`datasets.captioner`: unknown captioner {settings.datasets.captioner!r} (have {sorted(caption_classes)})")
+    for name in settings.providers:
+        if name not in provider_classes:
+            raise ConfigError(f"`providers.{name}`: no provider plugin is registered as {name!r} (have {sorted(provider_classes)})")
+
+    def http_client_factory(name: str) -> Callable[..., httpx.AsyncClient]:
+        def make(**kwargs: Any) -> httpx.AsyncClient:
+            if name in transports:
+                kwargs.setdefault("transport", transports[name])
+            kwargs.setdefault("timeout", httpx.Timeout(30.0))
+            return httpx.AsyncClient(**kwargs)
+
+        return make
+
+    storage_cls = storage_classes[settings.storage.backend]
+    storage = storage_cls(_decode_section(storage_cls.config_type, settings.storage.options, "storage.options"), data_dir)
+
+    def make_captioner(name: str) -> Captioner:
+        cls = caption_classes[name]
+        cfg = _decode_section(cls.config_type, settings.captioners.get(name, {}), f"captioners.{name}")
+        return cls(cfg, http_client_factory(f"captioner:{name}"))
+
+    fallback = make_captioner("template")
+    captioner = fallback if settings.datasets.captioner == "template" else make_captioner(settings.datasets.captioner)
+
+    db = Database(
+        settings.database_path,
+        busy_timeout_ms=settings.database.busy_timeout_ms,
+        read_connections=settings.database.read_connections,
+    )
+    await db.open()
+    providers: dict[str, Provider] = {}
+    try:
+        for name, raw in settings.providers.items():
+            cls = provider_classes[name]
+            cfg = _decode_section(cls.config_type, raw, f"providers.{name}")
+            setup = ProviderSetup(
+                storage=storage,
+                data_dir=data_dir,
+                public_base_url=settings.server.public_base_url,
+                http_client=http_client_factory(name),
+            )
+            providers[name] = cls(cfg, setup)
+        secret = await _signing_secret(db, settings.server.url_signing_secret)
+        base_url = settings.server.public_base_url or f"http://{settings.server.host}:{settings.server.port}"
+        gw = Gateway(
+            settings=settings,
+            db=db,
+            storage=storage,
+            captioner=captioner,
+            fallback_captioner=fallback,
+            providers=providers,
+            router=Router(providers, settings.routing.training, settings.routing.inference, CircuitBreaker()),
+            signer=UrlSigner(secret, base_url),
+            rate_limiter=RateLimiter(),
+        )
+        yield gw
+    finally:
+        for p in providers.values():
+            with contextlib.suppress(Exception):
+                await p.aclose()
+        for c in {id(captioner): captioner, id(fallback): fallback}.values():
+            with contextlib.suppress(Exception):
+                await c.aclose()
+        await db.close()

@@ -1,0 +1,102 @@
+"""The engine loop: lease due rows, run their steps with bounded concurrency, keep leases alive.
+
+The database is the queue. Any number of processes may run an Engine on the same file; a
+row is worked on by whoever holds its lease. Leases are renewed while a step runs, released
+when it ends, and expire if the process dies, so another process (or the restarted one)
+takes over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import anyio
+import structlog
+
+from gateway.context import Gateway
+from gateway.engine import jobs, loras
+from gateway.engine.loras import LeaseLost
+from gateway.store import work
+from gateway.timeutil import now
+
+log = structlog.get_logger()
+
+
+class Engine:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = anyio.Event()
+        self._inflight: set[tuple[str, str]] = set()
+        self.ready = False
+        gw.wake = self.wake
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+        e = self.gw.settings.engine
+        log.info("engine_started", owner=self.owner, concurrency=e.concurrency)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                self.ready = True
+                task_status.started()
+                while True:
+                    free = e.concurrency - len(self._inflight)
+                    if free > 0:
+                        for kind, row_id in await self._claim(free):
+                            self._inflight.add((kind, row_id))
+                            tg.start_soon(self._run_one, kind, row_id)
+                    with anyio.move_on_after(e.poll_interval_s):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+        finally:
+            self.ready = False
+            with anyio.CancelScope(shield=True):
+                await self._release_all()
+            log.info("engine_stopped", owner=self.owner)
+
+    async def _claim(self, limit: int) -> list[tuple[str, str]]:
+        lease = self.gw.settings.engine.lease_s
+        async with self.gw.db.tx() as conn:
+            job_ids = await work.claim_due(conn, "job", owner=self.owner, lease_s=lease, limit=limit)
+            lora_ids = await work.claim_due(conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(job_ids))
+        return [("job", i) for i in job_ids] + [("lora", i) for i in lora_ids]
+
+    async def _run_one(self, kind: str, row_id: str) -> None:
+        try:
+            if kind == "lora":
+                await loras.step(self.gw, row_id, self.owner)
+            else:
+                await jobs.step(self.gw, row_id, self.owner)
+        except LeaseLost:
+            log.info("lease_lost", kind=kind, id=row_id)
+        except Exception:
+            log.exception("engine_step_crashed", kind=kind, id=row_id)
+            # retried later by whoever holds the lease then; the backoff keeps a bug from spinning
+            async with self.gw.db.tx() as conn:
+                await work.release(conn, kind, row_id, self.owner, next_run_at=now() + 10)
+        finally:
+            async with self.gw.db.tx() as conn:
+                await work.release(conn, kind, row_id, self.owner)
+            self._inflight.discard((kind, row_id))
+            self.wake()
+
+    async def _heartbeat(self) -> None:
+        e = self.gw.settings.engine
+        while True:
+            await anyio.sleep(e.lease_s / 3)
+            if not self._inflight:
+                continue
+            async with self.gw.db.tx() as conn:
+                await work.renew_leases(conn, self.owner, now() + e.lease_s)
+
+    async def _release_all(self) -> None:
+        try:
+            async with self.gw.db.tx() as conn:
+                await work.release_owner(conn, self.owner)
+        except Exception:  # the database may already be closed on a hard stop
+            log.warning("lease_release_failed", owner=self.owner, exc_info=True)

@@ -1,0 +1,141 @@
+"""Generation jobs: the request shape, the per-image charge, reads and lists."""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+import structlog
+
+from gateway.context import Gateway
+from gateway.engine.jobs import CREDITS_PER_IMAGE
+from gateway.errors import InsufficientCredits, NotFound, ValidationFailed
+from gateway.store import teams as teams_store
+from gateway.store import work
+from gateway.store.models import Job, Principal
+from gateway.timeutil import is_uuid, new_id, now
+
+log = structlog.get_logger()
+
+AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"]
+JOB_STATUSES = ("QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED")
+
+
+class FluxLoraParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    loraId: str
+    num_outputs: Annotated[int, msgspec.Meta(ge=1, le=4)] = 1
+    aspect_ratio: AspectRatio | None = None
+    output_format: Literal["png", "jpg", "webp"] | None = None
+    lora_strength: Annotated[float, msgspec.Meta(ge=0, le=1.5)] = 1.0
+    guidance_scale: Annotated[float, msgspec.Meta(ge=1, le=10)] = 3.5
+    num_inference_steps: Annotated[int, msgspec.Meta(ge=4, le=50)] = 28
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)] | None = None
+
+
+class GenerateImageRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+    model: str
+    fluxLoraParams: FluxLoraParams | None = None
+    webhookUrl: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+    webhookEvents: Annotated[list[Literal["progress", "completed", "failed"]], msgspec.Meta(min_length=1)] | None = None
+
+
+def decode_generate(body: bytes) -> GenerateImageRequest:
+    """Decode and validate the JSON body; errors are 400s with a ``details`` path."""
+    try:
+        req = msgspec.json.decode(body, type=GenerateImageRequest)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        m = re.search(r" - at `\$\.?([^`]*)`$", text)
+        path = (m.group(1) if m else "") or "body"
+        msg = text[: m.start()] if m else text
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
+        if unknown:
+            path = f"{path}.{unknown.group(1)}" if path != "body" else unknown.group(1)
+            msg = "Unknown field"
+        raise ValidationFailed(f"Invalid request: {path}: {msg}", {path: [msg]}) from None
+    except msgspec.DecodeError:
+        raise ValidationFailed("Request body must be valid JSON", {"body": ["Invalid JSON"]}) from None
+    if req.model != "flux-lora":
+        raise ValidationFailed.at("model", 'Only "flux-lora" is supported by this gateway')
+    if req.fluxLoraParams is None:
+        raise ValidationFailed.at("fluxLoraParams", "Required for model flux-lora")
+    if not is_uuid(req.fluxLoraParams.loraId):
+        raise ValidationFailed.at("fluxLoraParams.loraId", "Must be a UUID")
+    if req.prompt.strip() == "":
+        raise ValidationFailed.at("prompt", "Must not be blank")
+    if req.webhookUrl is not None and not re.match(r"^https://[^\s/?#]+", req.webhookUrl):
+        raise ValidationFailed.at("webhookUrl", "Must be an https:// URL")
+    return req
+
+
+async def create(gw: Gateway, principal: Principal, req: GenerateImageRequest) -> Job:
+    params = req.fluxLoraParams
+    assert params is not None
+    async with gw.db.read() as conn:
+        lora = await work.get_lora(conn, params.loraId, principal.team_id)
+    if lora is None:  # another team's LoRA reads exactly like a missing one
+        raise ValidationFailed.at("fluxLoraParams.loraId", "LoRA not found")
+    if lora.status != "READY":
+        raise ValidationFailed.at("fluxLoraParams.loraId", f"LoRA is not READY (its status is {lora.status})")
+    cost = CREDITS_PER_IMAGE * params.num_outputs
+    job_id = new_id()
+    ts = now()
+    async with gw.db.tx() as conn:
+        try:
+            await teams_store.apply_credits(conn, principal.team_id, -cost, reason="image generation", ref=job_id, kind="job")
+        except teams_store.InsufficientBalance as e:
+            raise InsufficientCredits(cost, e.available) from None
+        await work.insert_job(
+            conn, id=job_id, team_id=principal.team_id, user_id=principal.user_id, key_id=principal.key.id,
+            lora_id=lora.id, model=req.model, status="QUEUED", progress=0, input=msgspec.to_builtins(req),
+            credit_cost=cost, webhook_url=req.webhookUrl,
+            webhook_events=list(req.webhookEvents) if req.webhookEvents else None,
+            webhook_status="pending" if req.webhookUrl else None,
+            stage="start", next_run_at=ts, created_at=ts, updated_at=ts,
+        )
+        job = await work.get_job(conn, job_id)
+    assert job is not None
+    log.info("job_created", job_id=job_id, lora_id=lora.id, credits=cost)
+    gw.wake()
+    return job
+
+
+async def get(gw: Gateway, principal: Principal, job_id: str) -> Job:
+    if not is_uuid(job_id):
+        raise ValidationFailed.at("id", "Must be a UUID")
+    async with gw.db.read() as conn:
+        job = await work.get_job(conn, job_id, principal.team_id)
+    if job is None:
+        raise NotFound("Job not found")
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at!r}|{job.id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, job_id = raw.split("|", 1)
+        if not is_uuid(job_id):
+            raise ValueError
+        return float(ts), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed.at("cursor", "Invalid cursor") from None
+
+
+async def list_page(gw: Gateway, principal: Principal, q: dict[str, Any]) -> tuple[list[Job], str | None, list[str] | None]:
+    async with gw.db.read() as conn:
+        items = await work.list_jobs(
+            conn, principal.team_id, limit=q["limit"] + 1, cursor=q["cursor"],
+            user_id=principal.user_id if q["scope"] == "user" else None,
+            status=q["status"], model=q["model"], search=q["search"],
+        )
+        models = await work.job_models(conn, principal.team_id) if q["include_models"] else None
+    more = len(items) > q["limit"]
+    items = items[: q["limit"]]
+    return items, (encode_cursor(items[-1]) if more and items else None), models

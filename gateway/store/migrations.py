@@ -1,0 +1,157 @@
+"""Forward-only migrations, applied in order and recorded in ``_migrations``."""
+
+from __future__ import annotations
+
+
+def m001_initial() -> list[str]:
+    return [
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+        """CREATE TABLE teams (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            credits INTEGER NOT NULL DEFAULT 0 CHECK (credits >= 0),
+            plan TEXT NOT NULL DEFAULT 'self-hosted',
+            customer_id TEXT,
+            max_concurrent_trainings INTEGER NOT NULL DEFAULT 10,
+            rate_limit_per_minute INTEGER,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            email TEXT,
+            role TEXT NOT NULL DEFAULT 'owner',
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            user_id TEXT NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            digest BLOB NOT NULL UNIQUE,
+            active INTEGER NOT NULL DEFAULT 1,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        )""",
+        """CREATE TABLE loras (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            user_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            subject_kind TEXT NOT NULL,
+            gender TEXT, ethnicity TEXT, age TEXT,
+            status TEXT NOT NULL,
+            image_count INTEGER NOT NULL,
+            steps INTEGER NOT NULL,
+            lora_rank INTEGER NOT NULL,
+            trigger_word TEXT NOT NULL,
+            error TEXT,
+            webhook_url TEXT,
+            webhook_events TEXT NOT NULL DEFAULT 'completed,failed',
+            stage TEXT NOT NULL DEFAULT 'prepare',
+            next_run_at REAL NOT NULL,
+            lease_owner TEXT,
+            lease_expires REAL,
+            attempts_used INTEGER NOT NULL DEFAULT 0,
+            portable INTEGER NOT NULL DEFAULT 1,
+            artifact_id TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            completed_at REAL,
+            archived_at REAL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX loras_team_created ON loras (team_id, created_at DESC, id DESC)",
+        "CREATE INDEX loras_due ON loras (next_run_at) WHERE status IN ('PENDING','UPLOADING','TRAINING')",
+        "CREATE UNIQUE INDEX loras_live_trigger ON loras (trigger_word) WHERE status NOT IN ('FAILED','ARCHIVED')",
+        """CREATE TABLE attempts (
+            id TEXT PRIMARY KEY,
+            owner_kind TEXT NOT NULL,           -- 'lora' | 'job'
+            owner_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            provider TEXT NOT NULL,
+            provider_ref TEXT,
+            provider_trigger_word TEXT,
+            state TEXT NOT NULL,                -- submitting | queued | running | succeeded | failed | cancelled | superseded
+            progress REAL,
+            error TEXT,
+            retryable INTEGER NOT NULL DEFAULT 0,
+            cost REAL,
+            currency TEXT,
+            polls INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            submitted_at REAL,
+            progressed_at REAL,
+            finished_at REAL,
+            UNIQUE (owner_kind, owner_id, seq)
+        )""",
+        "CREATE INDEX attempts_owner ON attempts (owner_kind, owner_id, seq)",
+        "CREATE INDEX attempts_ref ON attempts (provider, provider_ref)",
+        """CREATE TABLE artifacts (
+            id TEXT PRIMARY KEY,
+            lora_id TEXT NOT NULL UNIQUE REFERENCES loras(id),
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            format TEXT NOT NULL,
+            storage_key TEXT NOT NULL,
+            source_url TEXT,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            user_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            lora_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            status TEXT NOT NULL,
+            progress INTEGER,
+            input TEXT NOT NULL,                -- the request as received (JSON)
+            error TEXT,
+            credit_cost INTEGER NOT NULL,
+            webhook_url TEXT,
+            webhook_events TEXT,
+            webhook_status TEXT,
+            stage TEXT NOT NULL DEFAULT 'start',
+            next_run_at REAL NOT NULL,
+            lease_owner TEXT,
+            lease_expires REAL,
+            attempts_used INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            completed_at REAL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX jobs_team_created ON jobs (team_id, created_at DESC, id DESC)",
+        "CREATE INDEX jobs_due ON jobs (next_run_at) WHERE status IN ('QUEUED','PROCESSING')",
+        """CREATE TABLE job_images (
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            idx INTEGER NOT NULL,
+            storage_key TEXT NOT NULL,
+            format TEXT NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            PRIMARY KEY (job_id, idx)
+        )""",
+        """CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            amount INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            ref TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            UNIQUE (ref, kind)
+        )""",
+        "CREATE INDEX ledger_team ON ledger (team_id, id)",
+        # the ledger is append-only
+        """CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+           BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END""",
+        """CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+           BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END""",
+    ]
+
+
+MIGRATIONS = [m001_initial]

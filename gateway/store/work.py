@@ -1,0 +1,304 @@
+"""Loras, jobs, attempts and artifacts: the rows the engine works on.
+
+Both loras and jobs are queue rows: ``next_run_at`` says when a step is due and a lease
+(``lease_owner``, ``lease_expires``) says who is working on it. Updates made by a worker are
+conditioned on its lease, so a worker that lost its lease (it was too slow, or another
+process took over after a crash) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import aiosqlite
+
+from gateway.store.models import Artifact, Attempt, Job, JobImage, Lora, row_to
+from gateway.timeutil import now
+
+ACTIVE_LORA = ("PENDING", "UPLOADING", "TRAINING")
+ACTIVE_JOB = ("QUEUED", "PROCESSING")
+_TABLES = {"lora": "loras", "job": "jobs"}
+_ACTIVE = {"lora": ACTIVE_LORA, "job": ACTIVE_JOB}
+
+_LORA_COLUMNS = set(Lora.__struct_fields__)
+_JOB_COLUMNS = set(Job.__struct_fields__)
+_ATTEMPT_COLUMNS = set(Attempt.__struct_fields__)
+
+
+def _job(row: Any) -> Job:
+    data = dict(row)
+    data["input"] = json.loads(data["input"])
+    events = data.get("webhook_events")
+    data["webhook_events"] = json.loads(events) if events else None
+    return row_to(Job, data)
+
+
+def _assignments(fields: dict[str, Any], allowed: set[str]) -> tuple[str, list[Any]]:
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"unknown columns: {sorted(unknown)}")
+    cols = ", ".join(f"{k} = ?" for k in fields)
+    values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
+    return cols, values
+
+
+# --------------------------------------------------------------------------- loras
+
+
+async def insert_lora(conn: aiosqlite.Connection, **fields: Any) -> None:
+    cols = ", ".join(fields)
+    marks = ", ".join("?" for _ in fields)
+    await conn.execute(f"INSERT INTO loras ({cols}) VALUES ({marks})", tuple(fields.values()))
+
+
+async def get_lora(conn: aiosqlite.Connection, lora_id: str, team_id: str | None = None) -> Lora | None:
+    if team_id is None:
+        rows = await conn.execute_fetchall("SELECT * FROM loras WHERE id = ?", (lora_id,))
+    else:
+        rows = await conn.execute_fetchall("SELECT * FROM loras WHERE id = ? AND team_id = ?", (lora_id, team_id))
+    rows = list(rows)
+    return row_to(Lora, rows[0]) if rows else None
+
+
+async def list_loras(
+    conn: aiosqlite.Connection, team_id: str, *, limit: int, cursor: str | None, include_archived: bool
+) -> list[Lora]:
+    """Newest first; ``cursor`` is the id of the last item of the previous page."""
+    where = ["team_id = ?"]
+    args: list[Any] = [team_id]
+    if not include_archived:
+        where.append("status != 'ARCHIVED'")
+    if cursor:
+        where.append(
+            "(created_at, id) < (SELECT created_at, id FROM loras WHERE id = ? AND team_id = ?)"
+        )
+        args += [cursor, team_id]
+    rows = await conn.execute_fetchall(
+        f"SELECT * FROM loras WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?",
+        (*args, limit),
+    )
+    return [row_to(Lora, r) for r in rows]
+
+
+async def lora_exists(conn: aiosqlite.Connection, lora_id: str, team_id: str) -> bool:
+    rows = await conn.execute_fetchall("SELECT 1 FROM loras WHERE id = ? AND team_id = ?", (lora_id, team_id))
+    return bool(list(rows))
+
+
+async def count_active_trainings(conn: aiosqlite.Connection, team_id: str) -> int:
+    rows = await conn.execute_fetchall(
+        "SELECT COUNT(*) FROM loras WHERE team_id = ? AND status IN ('PENDING','UPLOADING','TRAINING')", (team_id,)
+    )
+    return int(list(rows)[0][0])
+
+
+async def trigger_word_taken(conn: aiosqlite.Connection, word: str) -> bool:
+    rows = await conn.execute_fetchall(
+        "SELECT 1 FROM loras WHERE trigger_word = ? AND status NOT IN ('FAILED','ARCHIVED')", (word,)
+    )
+    return bool(list(rows))
+
+
+async def update_lora(conn: aiosqlite.Connection, lora_id: str, *, lease: str | None = None, **fields: Any) -> bool:
+    """Update a lora; with ``lease`` only if that worker still holds it. Returns whether it did."""
+    fields.setdefault("updated_at", now())
+    cols, values = _assignments(fields, _LORA_COLUMNS)
+    sql = f"UPDATE loras SET {cols} WHERE id = ?"
+    args = [*values, lora_id]
+    if lease is not None:
+        sql += " AND lease_owner = ?"
+        args.append(lease)
+    cur = await conn.execute(sql, args)
+    return cur.rowcount == 1
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+async def insert_job(conn: aiosqlite.Connection, **fields: Any) -> None:
+    values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
+    cols = ", ".join(fields)
+    marks = ", ".join("?" for _ in fields)
+    await conn.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", values)
+
+
+async def get_job(conn: aiosqlite.Connection, job_id: str, team_id: str | None = None) -> Job | None:
+    if team_id is None:
+        rows = await conn.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    else:
+        rows = await conn.execute_fetchall("SELECT * FROM jobs WHERE id = ? AND team_id = ?", (job_id, team_id))
+    rows = list(rows)
+    return _job(rows[0]) if rows else None
+
+
+async def list_jobs(
+    conn: aiosqlite.Connection,
+    team_id: str,
+    *,
+    limit: int,
+    cursor: tuple[float, str] | None,
+    user_id: str | None,
+    status: str | None,
+    model: str | None,
+    search: str | None,
+) -> list[Job]:
+    where = ["team_id = ?"]
+    args: list[Any] = [team_id]
+    for col, val in (("user_id", user_id), ("status", status), ("model", model), ("id", search)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            args.append(val)
+    if cursor:
+        where.append("(created_at, id) < (?, ?)")
+        args += list(cursor)
+    rows = await conn.execute_fetchall(
+        f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?",
+        (*args, limit),
+    )
+    return [_job(r) for r in rows]
+
+
+async def job_models(conn: aiosqlite.Connection, team_id: str) -> list[str]:
+    rows = await conn.execute_fetchall("SELECT DISTINCT model FROM jobs WHERE team_id = ? ORDER BY model", (team_id,))
+    return [r[0] for r in rows]
+
+
+async def update_job(conn: aiosqlite.Connection, job_id: str, *, lease: str | None = None, **fields: Any) -> bool:
+    fields.setdefault("updated_at", now())
+    cols, values = _assignments(fields, _JOB_COLUMNS)
+    sql = f"UPDATE jobs SET {cols} WHERE id = ?"
+    args = [*values, job_id]
+    if lease is not None:
+        sql += " AND lease_owner = ?"
+        args.append(lease)
+    cur = await conn.execute(sql, args)
+    return cur.rowcount == 1
+
+
+async def insert_job_images(conn: aiosqlite.Connection, images: Iterable[JobImage]) -> None:
+    await conn.executemany(
+        """INSERT INTO job_images (job_id, idx, storage_key, format, width, height) VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (job_id, idx) DO UPDATE SET storage_key = excluded.storage_key,
+             format = excluded.format, width = excluded.width, height = excluded.height""",
+        [(i.job_id, i.idx, i.storage_key, i.format, i.width, i.height) for i in images],
+    )
+
+
+async def job_images(conn: aiosqlite.Connection, job_id: str) -> list[JobImage]:
+    rows = await conn.execute_fetchall("SELECT * FROM job_images WHERE job_id = ? ORDER BY idx", (job_id,))
+    return [row_to(JobImage, r) for r in rows]
+
+
+async def image_by_key(conn: aiosqlite.Connection, storage_key: str) -> JobImage | None:
+    rows = list(await conn.execute_fetchall("SELECT * FROM job_images WHERE storage_key = ?", (storage_key,)))
+    return row_to(JobImage, rows[0]) if rows else None
+
+
+# --------------------------------------------------------------------------- leases (both kinds)
+
+
+async def claim_due(
+    conn: aiosqlite.Connection, kind: str, *, owner: str, lease_s: float, limit: int, at: float | None = None
+) -> list[str]:
+    """Lease up to ``limit`` due rows of ``kind`` ('lora' or 'job'); return their ids."""
+    table, active = _TABLES[kind], _ACTIVE[kind]
+    t = now() if at is None else at
+    marks = ", ".join("?" for _ in active)
+    rows = await conn.execute_fetchall(
+        f"""UPDATE {table} SET lease_owner = ?, lease_expires = ?
+            WHERE id IN (
+              SELECT id FROM {table}
+              WHERE status IN ({marks}) AND next_run_at <= ?
+                AND (lease_expires IS NULL OR lease_expires < ?)
+              ORDER BY next_run_at LIMIT ?)
+            RETURNING id""",
+        (owner, t + lease_s, *active, t, t, limit),
+    )
+    return [r[0] for r in rows]
+
+
+async def release(conn: aiosqlite.Connection, kind: str, row_id: str, owner: str, *, next_run_at: float | None = None) -> None:
+    table = _TABLES[kind]
+    if next_run_at is None:
+        await conn.execute(
+            f"UPDATE {table} SET lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ?",
+            (row_id, owner),
+        )
+    else:
+        await conn.execute(
+            f"""UPDATE {table} SET lease_owner = NULL, lease_expires = NULL, next_run_at = ?
+                WHERE id = ? AND lease_owner = ?""",
+            (next_run_at, row_id, owner),
+        )
+
+
+async def next_due_at(conn: aiosqlite.Connection) -> float | None:
+    rows = await conn.execute_fetchall(
+        """SELECT MIN(t) FROM (
+             SELECT MIN(next_run_at) AS t FROM loras WHERE status IN ('PENDING','UPLOADING','TRAINING')
+             UNION ALL
+             SELECT MIN(next_run_at) AS t FROM jobs WHERE status IN ('QUEUED','PROCESSING'))"""
+    )
+    value = list(rows)[0][0]
+    return float(value) if value is not None else None
+
+
+# --------------------------------------------------------------------------- attempts
+
+
+async def insert_attempt(conn: aiosqlite.Connection, attempt: Attempt) -> None:
+    data = {k: getattr(attempt, k) for k in Attempt.__struct_fields__}
+    cols = ", ".join(data)
+    marks = ", ".join("?" for _ in data)
+    await conn.execute(f"INSERT INTO attempts ({cols}) VALUES ({marks})", tuple(data.values()))
+
+
+async def update_attempt(conn: aiosqlite.Connection, attempt_id: str, **fields: Any) -> None:
+    cols, values = _assignments(fields, _ATTEMPT_COLUMNS)
+    await conn.execute(f"UPDATE attempts SET {cols} WHERE id = ?", (*values, attempt_id))
+
+
+async def attempts_for(conn: aiosqlite.Connection, kind: str, owner_id: str) -> list[Attempt]:
+    rows = await conn.execute_fetchall(
+        "SELECT * FROM attempts WHERE owner_kind = ? AND owner_id = ? ORDER BY seq", (kind, owner_id)
+    )
+    return [row_to(Attempt, r) for r in rows]
+
+
+async def current_attempt(conn: aiosqlite.Connection, kind: str, owner_id: str) -> Attempt | None:
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT * FROM attempts WHERE owner_kind = ? AND owner_id = ? ORDER BY seq DESC LIMIT 1", (kind, owner_id)
+        )
+    )
+    return row_to(Attempt, rows[0]) if rows else None
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+async def insert_artifact(conn: aiosqlite.Connection, artifact: Artifact) -> None:
+    data = {k: getattr(artifact, k) for k in Artifact.__struct_fields__}
+    cols = ", ".join(data)
+    marks = ", ".join("?" for _ in data)
+    await conn.execute(
+        f"INSERT INTO artifacts ({cols}) VALUES ({marks}) ON CONFLICT (lora_id) DO NOTHING", tuple(data.values())
+    )
+
+
+async def artifact_for(conn: aiosqlite.Connection, lora_id: str) -> Artifact | None:
+    rows = list(await conn.execute_fetchall("SELECT * FROM artifacts WHERE lora_id = ?", (lora_id,)))
+    return row_to(Artifact, rows[0]) if rows else None
+
+
+async def renew_leases(conn: aiosqlite.Connection, owner: str, until: float) -> None:
+    for table in _TABLES.values():
+        await conn.execute(f"UPDATE {table} SET lease_expires = ? WHERE lease_owner = ?", (until, owner))
+
+
+async def release_owner(conn: aiosqlite.Connection, owner: str) -> None:
+    for table in _TABLES.values():
+        await conn.execute(
+            f"UPDATE {table} SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?", (owner,)
+        )

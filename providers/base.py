@@ -1,0 +1,257 @@
+"""The provider contract: what every training/inference backend declares and implements.
+
+The engine and the router read only the data declared here (``capabilities``), never a
+provider's name. Adapters keep their vendor's wire format in private Structs and raise only
+the ``ProviderError`` tree below.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+import msgspec
+
+if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
+    import httpx
+
+    from plugins.storage.base import Storage
+
+SubjectKind = Literal["person", "style", "object"]
+DatasetInput = Literal["zip_url", "files", "directory"]
+ASPECT_RATIOS: frozenset[str] = frozenset({"1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"})
+OUTPUT_FORMATS: frozenset[str] = frozenset({"png", "jpg", "webp"})
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+class TrainingCapabilities(msgspec.Struct, frozen=True, kw_only=True):
+    subject_kinds: frozenset[str] = frozenset({"person", "style", "object"})
+    min_steps: int = 500
+    max_steps: int = 3000
+    min_rank: int = 8
+    max_rank: int = 64
+    dataset_input: DatasetInput = "files"
+    #: the trained weights can be downloaded (the LoRA is then portable to other providers)
+    produces_artifact: bool = True
+    #: the vendor makes its own trigger word (the gateway swaps it into prompts)
+    makes_trigger_word: bool = False
+
+
+class InferenceCapabilities(msgspec.Struct, frozen=True, kw_only=True):
+    #: can generate from a LoRA file trained elsewhere (a portable artifact)
+    accepts_lora_file: bool = True
+    max_outputs: int = 4
+    aspect_ratios: frozenset[str] = ASPECT_RATIOS
+    #: formats the provider produces itself; the gateway re-encodes to any other
+    output_formats: frozenset[str] = OUTPUT_FORMATS
+
+
+class Cost(msgspec.Struct, frozen=True, kw_only=True):
+    currency: str = "USD"
+    per_training: float = 0.0
+    per_image: float = 0.0
+
+
+class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
+    training: TrainingCapabilities | None = None
+    inference: InferenceCapabilities | None = None
+    cost: Cost = Cost()
+    #: the provider can call the gateway back (``POST /hooks/{provider}``)
+    webhooks_in: bool = False
+    #: after an ambiguous submit, the provider can find a job by the gateway's attempt id
+    can_lookup: bool = False
+    can_cancel: bool = False
+
+
+# --------------------------------------------------------------------------- requests / results
+
+
+class TrainingSpec(msgspec.Struct, frozen=True, kw_only=True):
+    attempt_id: str  # unique per try; providers may use it as an idempotency key
+    lora_id: str
+    name: str
+    subject_kind: str
+    gender: str | None = None
+    ethnicity: str | None = None
+    age: str | None = None
+    steps: int
+    lora_rank: int
+    trigger_word: str  # the gateway's word, already written into every caption
+
+
+class Dataset(msgspec.Struct, frozen=True, kw_only=True):
+    """A prepared dataset: normalised images plus ``.txt`` captions."""
+
+    zip_path: Path  # NNN.jpg + NNN.txt, local file
+    directory: Path  # the same files unpacked, local directory
+    image_count: int
+    zip_url: str | None = None  # a signed, expiring gateway URL when public_base_url is set
+
+
+class TrainingSubmission(msgspec.Struct, frozen=True, kw_only=True):
+    ref: str  # the provider's job id
+    trigger_word: str | None = None  # the provider's own word, when it makes one
+
+
+TrainingState = Literal["queued", "running", "succeeded", "failed"]
+
+
+class TrainingStatus(msgspec.Struct, frozen=True, kw_only=True):
+    state: TrainingState
+    progress: float | None = None  # 0..1
+    artifact_url: str | None = None  # set when succeeded and the weights are downloadable
+    error: str | None = None
+    retryable: bool = False
+
+
+class LoraHandle(msgspec.Struct, frozen=True, kw_only=True):
+    """What a provider needs to generate with a trained LoRA."""
+
+    lora_id: str
+    trigger_word: str  # the gateway's word
+    provider_trigger_word: str | None = None  # the vendor's word, if the vendor made one
+    trained_by: str | None = None  # provider that trained it
+    trained_ref: str | None = None  # that provider's job id
+    artifact_path: Path | None = None  # local copy of the weights (portable LoRAs)
+    artifact_url: str | None = None  # a signed gateway URL of the weights, if public
+    artifact_format: str | None = None  # "diffusers" | "kohya"
+
+
+class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
+    attempt_id: str
+    job_id: str
+    prompt: str  # final prompt: trigger word already applied by the engine
+    num_outputs: int = 1
+    aspect_ratio: str = "1:1"
+    width: int = 1024
+    height: int = 1024
+    output_format: str = "png"
+    lora_strength: float = 1.0
+    guidance_scale: float = 3.5
+    num_inference_steps: int = 28
+    seed: int | None = None
+
+
+class GeneratedImage(msgspec.Struct, frozen=True, kw_only=True):
+    data: bytes | None = None  # inline bytes ...
+    url: str | None = None  # ... or a URL fetched through ``Provider.fetch_file``
+
+
+GenerationState = Literal["queued", "running", "succeeded", "failed"]
+
+
+class GenerationStatus(msgspec.Struct, frozen=True, kw_only=True):
+    state: GenerationState
+    ref: str | None = None
+    progress: float | None = None
+    images: list[GeneratedImage] = msgspec.field(default_factory=list)
+    error: str | None = None
+    retryable: bool = False
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ProviderError(Exception):
+    """Base of every error a provider raises. ``retryable`` drives failover."""
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable  # type: ignore[misc]
+
+
+class ProviderTimeout(ProviderError):
+    retryable = True
+
+
+class ProviderUnavailable(ProviderError):
+    retryable = True
+
+
+class ProviderRateLimited(ProviderError):
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ProviderRejected(ProviderError):
+    retryable = False
+
+
+class ProviderAuthError(ProviderError):
+    retryable = False
+
+
+# --------------------------------------------------------------------------- setup + base class
+
+
+@dataclass
+class ProviderSetup:
+    """What the gateway hands a provider when it builds it."""
+
+    storage: "Storage"
+    data_dir: Path
+    public_base_url: str | None
+    #: builds an httpx client for this provider (tests inject a transport through it)
+    http_client: Callable[..., "httpx.AsyncClient"]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider(ABC):
+    """A training and/or inference backend. Register the class through ``register_providers``."""
+
+    name: ClassVar[str]
+    #: msgspec Struct type of this provider's config section (``providers.<name>``)
+    config_type: ClassVar[type[msgspec.Struct]]
+    capabilities: Capabilities
+
+    def __init__(self, config: Any, setup: ProviderSetup) -> None:
+        self.config = config
+        self.setup = setup
+
+    # -- training
+    async def start_training(self, spec: TrainingSpec, dataset: Dataset) -> TrainingSubmission:
+        raise ProviderRejected(f"{self.name} does not train")
+
+    async def training_status(self, ref: str) -> TrainingStatus:
+        raise ProviderRejected(f"{self.name} does not train")
+
+    async def lookup_training(self, attempt_id: str) -> TrainingSubmission | None:
+        """Find a submission by the gateway's attempt id (only if ``can_lookup``)."""
+        return None
+
+    async def cancel_training(self, ref: str) -> None:
+        return None
+
+    # -- inference
+    async def generate(self, spec: GenerationSpec, lora: LoraHandle) -> GenerationStatus:
+        raise ProviderRejected(f"{self.name} does not generate")
+
+    async def generation_status(self, ref: str) -> GenerationStatus:
+        raise ProviderRejected(f"{self.name} does not generate")
+
+    # -- files
+    async def fetch_file(self, url: str, dest: Path, *, max_bytes: int) -> None:
+        """Copy a result (artifact or image) the provider pointed at into ``dest``."""
+        raise ProviderRejected(f"{self.name} cannot fetch {url!r}")
+
+    # -- callbacks
+    async def verify_callback(self, headers: dict[str, str], body: bytes) -> Any:
+        """Verify an inbound callback and return its parsed payload, or raise ProviderAuthError."""
+        raise ProviderAuthError(f"{self.name} takes no callbacks")
+
+    async def aclose(self) -> None:
+        return None
+
+
+ProviderFactory = type[Provider]

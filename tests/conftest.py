@@ -1,0 +1,162 @@
+"""Shared fixtures: a fresh gateway on its own temp SQLite file per test, driven in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import httpx
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient as _LitestarAsyncTestClient
+
+
+class AsyncTestClient(_LitestarAsyncTestClient):
+    """Requests run on the test's loop; the lifespan is entered by the fixture (see make_api)."""
+
+    async def __aenter__(self) -> "AsyncTestClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None  # the in-memory transport holds no connections
+
+
+@asynccontextmanager
+async def running(app: Litestar) -> AsyncIterator[None]:
+    """Run the app's lifespan in one task of the test's loop, as an ASGI server would.
+
+    pytest-asyncio may run a fixture's setup and teardown in different tasks, and the
+    lifespan owns a task group, which must be entered and left by the same task.
+    """
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def serve() -> None:
+        async with app.lifespan():
+            started.set()
+            await stop.wait()
+
+    task = asyncio.create_task(serve())
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        task.result()  # raises the start-up error
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+from gateway.app import create_app
+from gateway.config import Settings, settings_from_mapping
+from gateway.context import Gateway
+from gateway.services import accounts
+from plugins.manager import make_plugin_manager
+from tests.images import image_set, multipart_files
+
+
+def fast_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """Embedded defaults, tuned so the engine moves quickly in tests."""
+    cfg: dict[str, Any] = {
+        "data_dir": str(tmp_path / "data"),
+        "engine": {"poll_interval_s": 0.05, "min_poll_interval_s": 0.05, "max_poll_interval_s": 0.2, "lease_s": 30},
+        "providers": {"sandbox": {"training_seconds": 0.3, "queue_seconds": 0.05}},
+        "teams": {"rate_limit_per_minute": 0},
+        "logging": {"level": "warning"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@dataclass
+class Api:
+    """An in-process client plus the gateway behind it and one team's key."""
+
+    client: AsyncTestClient
+    app: Litestar
+    key: str
+    team_id: str
+
+    @property
+    def gw(self) -> Gateway:
+        return self.app.state.gw
+
+    def h(self, key: str | None = None) -> dict[str, str]:
+        return {"X-API-Key": key or self.key}
+
+    async def new_team(self, credits: int = 10_000, max_trainings: int = 10) -> tuple[str, str]:
+        team, new = await accounts.create_team(
+            self.gw.db, name="other", credits=credits, max_concurrent_trainings=max_trainings
+        )
+        return team.id, new.key
+
+    async def credits(self, team_id: str | None = None) -> int:
+        r = await self.client.get("/v2/me", headers=self.h() if team_id is None else self.h(team_id))
+        return r.json()["team"]["credits"]
+
+    async def create_lora(self, n: int = 15, key: str | None = None, **fields: Any) -> httpx.Response:
+        data = {"name": "Ada", "subjectKind": "person", "gender": "female", "ethnicity": "east asian", **fields}
+        data = {k: str(v) for k, v in data.items() if v is not None}
+        return await self.client.post("/v2/loras", headers=self.h(key), data=data, files=multipart_files(image_set(n)))
+
+    async def wait_lora(self, lora_id: str, *, key: str | None = None, timeout: float = 20) -> dict[str, Any]:
+        return await self._wait(f"/v2/loras/{lora_id}", ("READY", "FAILED", "ARCHIVED"), key, timeout)
+
+    async def wait_job(self, job_id: str, *, key: str | None = None, timeout: float = 20) -> dict[str, Any]:
+        return await self._wait(f"/v2/jobs/{job_id}", ("COMPLETED", "FAILED"), key, timeout)
+
+    async def _wait(self, path: str, done: tuple[str, ...], key: str | None, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = await self.client.get(path, headers=self.h(key))
+            assert r.status_code == 200, r.text
+            body = r.json()
+            if body["status"] in done:
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} stuck in {body['status']}: {body}")
+            await asyncio.sleep(0.05)
+
+    async def ready_lora(self, **fields: Any) -> dict[str, Any]:
+        r = await self.create_lora(**fields)
+        assert r.status_code == 202, r.text
+        body = await self.wait_lora(r.json()["id"])
+        assert body["status"] == "READY", body
+        return body
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return settings_from_mapping(fast_config(tmp_path, **overrides), env={})
+
+
+@pytest.fixture
+def make_api(tmp_path: Path) -> Callable[..., Any]:
+    """``async with make_api(**config_overrides) as api:`` for tests that need their own config."""
+    @asynccontextmanager
+    async def factory(*, credits: int = 10_000, max_trainings: int = 10, transports: dict | None = None, **overrides: Any) -> AsyncIterator[Api]:
+        settings = make_settings(tmp_path, **overrides)
+        app = create_app(settings, pm=make_plugin_manager(load_entrypoints=False), transports=transports)
+        # Litestar's AsyncTestClient.__aenter__ runs the lifespan on a separate portal thread
+        # and event loop; the database and workers must live on the test's loop, so the
+        # lifespan is run here and the client is used without entering it.
+        async with running(app), AsyncTestClient(app, timeout=60) as client:
+            team, new = await accounts.create_team(
+                app.state.gw.db, name="test", credits=credits, max_concurrent_trainings=max_trainings
+            )
+            yield Api(client=client, app=app, key=new.key, team_id=team.id)
+
+    return factory
+
+
+@pytest.fixture
+async def api(make_api: Callable[..., Any]) -> AsyncIterator[Api]:
+    async with make_api() as a:
+        yield a
