@@ -84,6 +84,8 @@ class EngineSettings(_Base):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     #: an attempt with no progress for this long is abandoned and moved on
     stuck_after_s: Positive = 3600
+    #: wait before retrying a step that raised an unexpected error
+    crash_backoff_s: NonNegative = 10.0
     #: largest artifact (LoRA weights) copied into storage
     max_artifact_mb: Positive = 2048
     #: largest generated image fetched from a provider

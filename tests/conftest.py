@@ -16,7 +16,18 @@ from litestar.testing import AsyncTestClient as _LitestarAsyncTestClient
 
 
 class AsyncTestClient(_LitestarAsyncTestClient):
-    """Requests run on the test's loop; the lifespan is entered by the fixture (see make_api)."""
+    """Litestar's AsyncTestClient, made truly async.
+
+    In Litestar 2.25 its transport runs every request through a *blocking portal* (a new
+    thread and event loop per request, blocking the caller's loop), and ``__aenter__`` runs
+    the lifespan on yet another loop. The gateway's database and workers must live on one
+    loop, and concurrency tests need requests that really overlap, so requests go through
+    httpx's ASGITransport on the test's loop, and the fixture runs the lifespan itself.
+    """
+
+    def __init__(self, app: Litestar, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
 
     async def __aenter__(self) -> "AsyncTestClient":
         return self
@@ -141,9 +152,13 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 def make_api(tmp_path: Path) -> Callable[..., Any]:
     """``async with make_api(**config_overrides) as api:`` for tests that need their own config."""
     @asynccontextmanager
-    async def factory(*, credits: int = 10_000, max_trainings: int = 10, transports: dict | None = None, **overrides: Any) -> AsyncIterator[Api]:
+    async def factory(
+        *, credits: int = 10_000, max_trainings: int = 10, transports: dict | None = None,
+        plugins: tuple = (), **overrides: Any,
+    ) -> AsyncIterator[Api]:
         settings = make_settings(tmp_path, **overrides)
-        app = create_app(settings, pm=make_plugin_manager(load_entrypoints=False), transports=transports)
+        pm = make_plugin_manager(load_entrypoints=False, extra=plugins)
+        app = create_app(settings, pm=pm, transports=transports)
         # Litestar's AsyncTestClient.__aenter__ runs the lifespan on a separate portal thread
         # and event loop; the database and workers must live on the test's loop, so the
         # lifespan is run here and the client is used without entering it.

@@ -3,11 +3,14 @@ body or key ever reaches a client."""
 
 from __future__ import annotations
 
+import uuid
+
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException, ValidationException
 
 from gateway.errors import GatewayError
+from gateway.logging import _REQUEST_ID
 from gateway.uploads import UploadRejected
 
 log = structlog.get_logger()
@@ -21,7 +24,17 @@ def upload_rejected(_: Request, exc: UploadRejected) -> Response:
     return Response({"error": exc.message, "code": "validation_error", "details": {exc.path: [exc.message]}}, status_code=400)
 
 
-def http_exception(_: Request, exc: HTTPException) -> Response:
+def _unrouted_headers(request: Request, headers: dict[str, str] | None) -> dict[str, str] | None:
+    """A request that matched no route (404/405) never reaches the request-id middleware,
+    which Litestar runs per route: give its response the ``x-request-id`` here."""
+    if "route_handler" in request.scope:
+        return headers
+    incoming = request.headers.get("x-request-id")
+    rid = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    return {**(headers or {}), "x-request-id": rid}
+
+
+def http_exception(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     if isinstance(exc, NotFoundException):
         message = "Not found"
@@ -35,7 +48,7 @@ def http_exception(_: Request, exc: HTTPException) -> Response:
         message = "Method not allowed"
     else:
         message = exc.detail if status < 500 else "Internal server error"
-    return Response({"error": message}, status_code=status, headers=exc.headers or None)
+    return Response({"error": message}, status_code=status, headers=_unrouted_headers(request, exc.headers or None))
 
 
 def unexpected(_: Request, exc: Exception) -> Response:

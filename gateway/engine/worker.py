@@ -78,7 +78,7 @@ class Engine:
             log.exception("engine_step_crashed", kind=kind, id=row_id)
             # retried later by whoever holds the lease then; the backoff keeps a bug from spinning
             async with self.gw.db.tx() as conn:
-                await work.release(conn, kind, row_id, self.owner, next_run_at=now() + 10)
+                await work.release(conn, kind, row_id, self.owner, next_run_at=now() + self.gw.settings.engine.crash_backoff_s)
         finally:
             async with self.gw.db.tx() as conn:
                 await work.release(conn, kind, row_id, self.owner)
