@@ -129,7 +129,10 @@ def noise_png(size: tuple[int, int], seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-async def asgi_post_streamed(api: Api, path: str, headers: dict[str, str], body: bytes, chunk: int = 64 * 1024) -> tuple[int, bytes, int, int]:
+async def asgi_post_streamed(
+    api: Api, path: str, headers: dict[str, str], body: bytes, chunk: int = 64 * 1024,
+    probe: Callable[[int], None] | None = None,
+) -> tuple[int, bytes, int, int]:
     """POST ``body`` to the app in ``chunk``-sized ASGI messages (the test client sends one).
 
     Returns (status, response body, chunks pulled by the app, total chunks).
@@ -144,6 +147,8 @@ async def asgi_post_streamed(api: Api, path: str, headers: dict[str, str], body:
         nonlocal pulled
         if pulled < len(chunks):
             pulled += 1
+            if probe is not None:
+                probe(pulled)
             return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
         await done.wait()
         return {"type": "http.disconnect"}
@@ -379,9 +384,17 @@ async def test_default_10mb_limit_rejected_while_streaming(make_api: Callable[..
         big = random.Random(1).randbytes(int(10.5 * 1024 * 1024))
         parts = field_parts(PERSON) + [("images", "huge.jpg", big, "image/jpeg")] + image_parts(image_set(15))
         body = encode(parts)
+        spooled: list[int] = []
+
+        def probe(n: int) -> None:  # the part is spooled to files under uploads.tmp_dir as it arrives
+            if n == 100:
+                spooled.extend(p.stat().st_size for p in e.tmp.rglob("*") if p.is_file())
+
         status, out, pulled, total = await asgi_post_streamed(
-            e.api, "/v2/loras", {**e.api.h(), "content-type": f"multipart/form-data; boundary={BOUNDARY}"}, body
+            e.api, "/v2/loras", {**e.api.h(), "content-type": f"multipart/form-data; boundary={BOUNDARY}"}, body,
+            probe=probe,
         )
+        assert spooled and max(spooled) > 5 * 1024 * 1024, spooled
         assert status == 400, out
         import json
 
@@ -436,6 +449,8 @@ async def test_create_202_body_is_exact(env: Env) -> None:
     assert UUID_RE.match(body["id"]) and body["status"] == "PENDING" and body["imageCount"] == 17
     assert await api.credits() <= env.start_credits - 2  # the 2-credit create fee (255 follows at submit)
     assert list(env.tmp.iterdir()) == []
+    # the images were kept in storage (so the "nothing stored" checks elsewhere are meaningful)
+    assert len([p for p in (env.blobs / "loras" / body["id"]).rglob("*") if p.is_file()]) >= 17
 
 
 async def test_create_402_when_the_fee_cannot_be_paid(make_api: Callable[..., Any], tmp_path: Path) -> None:
