@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from plugins.hookspecs import hookimpl
 from plugins.storage.local import atomic_write
+from providers.safetensors import read_header as read_safetensors_header
 from providers.base import (
     Capabilities, Cost, Dataset, GeneratedImage, GenerationSpec, GenerationStatus,
     InferenceCapabilities, LoraHandle, Provider, ProviderError, ProviderRejected, ProviderSetup,
@@ -101,19 +102,6 @@ def _unit(*parts: object) -> float:
 
 def _ref(kind: str, attempt_id: str) -> str:
     return f"sbx-{kind}-" + hashlib.sha256(attempt_id.encode()).hexdigest()[:24]
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors file's JSON header; raise ``ValueError`` if it is not one."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-        if not 2 <= n <= min(100_000_000, path.stat().st_size - 8):
-            raise ValueError(f"bad safetensors header length {n}")
-        header = json.loads(fh.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header is not an object")
-    return header
 
 
 def build_lora_safetensors(*, seed: int, ref: str, rank: int, meta: dict[str, str]) -> bytes:

@@ -716,3 +716,13 @@ async def test_key_of_the_same_team_sees_the_same_loras(make_api: Callable[..., 
         assert (await api.client.get(f"/v2/loras/{lora_id}", headers=api.h(k2.key))).status_code == 200
         items = (await api.client.get("/v2/loras", headers=api.h(k2.key))).json()["items"]
         assert [i["id"] for i in items] == [lora_id]
+
+
+async def test_uuids_are_case_insensitive(make_api: Callable[..., Any]) -> None:
+    async with make_api(providers=SLOW) as api:
+        a, b = await _create_n(api, 2)
+        assert (await api.client.get(f"/v2/loras/{a.upper()}", headers=api.h())).json()["id"] == a
+        page = (await api.client.get(f"/v2/loras?cursor={b.upper()}", headers=api.h())).json()
+        assert [i["id"] for i in page["items"]] == [a]
+        assert (await api.client.delete(f"/v2/loras/{a.upper()}", headers=api.h())).status_code == 204
+        assert (await api.client.get(f"/v2/loras/{a}", headers=api.h())).json()["status"] == "ARCHIVED"

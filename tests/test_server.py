@@ -178,3 +178,57 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "server.port" in out.stderr
+
+
+def test_engine_runs_as_its_own_process(tmp_path: Path) -> None:
+    """`serve` with run_workers: false answers requests; `lora-gateway worker` does the work."""
+    port = free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "server": {"run_workers": False},
+        "providers": {"sandbox": {"training_seconds": 0.3, "queue_seconds": 0}},
+        "engine": {"min_poll_interval_s": 0.1, "max_poll_interval_s": 0.3, "poll_interval_s": 0.1},
+    }))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    api = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    worker = None
+    try:
+        key = None
+        assert api.stdout is not None
+        for line in api.stdout:
+            if key is None and line.strip().startswith("afk_"):
+                key = line.strip()
+            if "API docs" in line:
+                break
+        assert key, "no key printed"
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert ready.json()["checks"]["workers"] == "external"
+        with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=30) as client:
+            r = client.post("/v2/loras", data={"name": "W", "subjectKind": "object"}, files=multipart_files(image_set(15)))
+            assert r.status_code == 202, r.text
+            time.sleep(0.5)
+            assert client.get(f"/v2/loras/{r.json()['id']}").json()["status"] == "PENDING"  # nobody works on it
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "worker", "--config", str(cfg)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            )
+            lora = poll(client, f"/v2/loras/{r.json()['id']}", {"READY", "FAILED"})
+            assert lora["status"] == "READY", lora
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0  # a clean stop on SIGTERM
+    finally:
+        for proc in (api, worker):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -27,7 +27,7 @@ def parse_query(request: Request, spec: dict[str, tuple[str, Any]]) -> dict[str,
         elif kind == "uuid":
             if not is_uuid(raw):
                 errors[name] = ["Must be a UUID"]
-            out[name] = raw
+            out[name] = raw.lower()  # ids are stored in lower case
         elif kind == "bool":
             if raw not in ("true", "false"):
                 errors[name] = ['Must be "true" or "false"']

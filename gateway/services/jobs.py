@@ -52,11 +52,13 @@ def decode_generate(body: bytes) -> GenerateImageRequest:
         path = (m.group(1) if m else "") or "body"
         msg = text[: m.start()] if m else text
         unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
-        if unknown:
-            path = f"{path}.{unknown.group(1)}" if path != "body" else unknown.group(1)
-            msg = "Unknown field"
+        missing = re.match(r"Object missing required field `([^`]+)`", msg)
+        if unknown or missing:
+            name = (unknown or missing).group(1)  # type: ignore[union-attr]
+            path = f"{path}.{name}" if path != "body" else name
+            msg = "Unknown field" if unknown else "Required"
         raise ValidationFailed(f"Invalid request: {path}: {msg}", {path: [msg]}) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise ValidationFailed("Request body must be valid JSON", {"body": ["Invalid JSON"]}) from None
     if req.model != "flux-lora":
         raise ValidationFailed.at("model", 'Only "flux-lora" is supported by this gateway')
@@ -75,7 +77,7 @@ async def create(gw: Gateway, principal: Principal, req: GenerateImageRequest) -
     params = req.fluxLoraParams
     assert params is not None
     async with gw.db.read() as conn:
-        lora = await work.get_lora(conn, params.loraId, principal.team_id)
+        lora = await work.get_lora(conn, params.loraId.lower(), principal.team_id)
     if lora is None:  # another team's LoRA reads exactly like a missing one
         raise ValidationFailed.at("fluxLoraParams.loraId", "LoRA not found")
     if lora.status != "READY":
@@ -107,7 +109,7 @@ async def get(gw: Gateway, principal: Principal, job_id: str) -> Job:
     if not is_uuid(job_id):
         raise ValidationFailed.at("id", "Must be a UUID")
     async with gw.db.read() as conn:
-        job = await work.get_job(conn, job_id, principal.team_id)
+        job = await work.get_job(conn, job_id.lower(), principal.team_id)
     if job is None:
         raise NotFound("Job not found")
     return job

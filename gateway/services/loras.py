@@ -159,7 +159,7 @@ def check_id(lora_id: str) -> None:
 async def get(gw: Gateway, principal: Principal, lora_id: str) -> Lora:
     check_id(lora_id)
     async with gw.db.read() as conn:
-        lora = await work.get_lora(conn, lora_id, principal.team_id)
+        lora = await work.get_lora(conn, lora_id.lower(), principal.team_id)
     if lora is None:
         raise NotFound("LoRA not found")
     return lora
