@@ -81,6 +81,7 @@ class TrainingSpec(msgspec.Struct, frozen=True, kw_only=True):
     steps: int
     lora_rank: int
     trigger_word: str  # the gateway's word, already written into every caption
+    team_id: str | None = None  # for fair scheduling across teams
 
 
 class Dataset(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +135,7 @@ class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
     guidance_scale: float = 3.5
     num_inference_steps: int = 28
     seed: int | None = None
+    team_id: str | None = None
 
 
 class GeneratedImage(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,6 +153,14 @@ class GenerationStatus(msgspec.Struct, frozen=True, kw_only=True):
     images: list[GeneratedImage] = msgspec.field(default_factory=list)
     error: str | None = None
     retryable: bool = False
+
+
+class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified inbound callback: which provider job it is about. The gateway then asks the
+    provider for the job's status (the callback body itself is not trusted beyond the ref)."""
+
+    ref: str
+    kind: Literal["training", "generation"] = "training"
 
 
 # --------------------------------------------------------------------------- errors
@@ -246,8 +256,10 @@ class Provider(ABC):
         raise ProviderRejected(f"{self.name} cannot fetch {url!r}")
 
     # -- callbacks
-    async def verify_callback(self, headers: dict[str, str], body: bytes) -> Any:
-        """Verify an inbound callback and return its parsed payload, or raise ProviderAuthError."""
+    async def verify_callback(self, headers: dict[str, str], body: bytes) -> CallbackEvent:
+        """Verify an inbound callback (``POST /hooks/{name}``); raise ProviderAuthError if it fails.
+
+        ``headers`` has lower-cased names. Only called when ``capabilities.webhooks_in``."""
         raise ProviderAuthError(f"{self.name} takes no callbacks")
 
     async def aclose(self) -> None:

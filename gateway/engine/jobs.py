@@ -92,6 +92,7 @@ def _spec(job: Job, attempt_id: str, handle: LoraHandle, provider: Provider) -> 
         guidance_scale=p.get("guidance_scale", 3.5),
         num_inference_steps=p.get("num_inference_steps", 28),
         seed=p.get("seed"),
+        team_id=job.team_id,
     )
 
 

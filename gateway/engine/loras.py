@@ -182,7 +182,7 @@ async def _send(gw: Gateway, lora: Lora, owner: str, provider: Provider, attempt
     spec = TrainingSpec(
         attempt_id=attempt.id, lora_id=lora.id, name=lora.name, subject_kind=lora.subject_kind,
         gender=lora.gender, ethnicity=lora.ethnicity, age=lora.age, steps=lora.steps,
-        lora_rank=lora.lora_rank, trigger_word=lora.trigger_word,
+        lora_rank=lora.lora_rank, trigger_word=lora.trigger_word, team_id=lora.team_id,
     )
     dataset = await _ensure_dataset(gw, lora)
     log.info("training_submitting", provider=provider.name, attempt=attempt.seq)
