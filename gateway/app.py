@@ -12,6 +12,7 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
+from gateway.api import admin as admin_api
 from gateway.api import jobs as jobs_api
 from gateway.api import loras as loras_api
 from gateway.api import system
@@ -54,6 +55,7 @@ def create_app(
             system.healthz,
             system.readyz,
             system.files,
+            admin_api.AdminController,
         ],
         lifespan=[lifespan],
         middleware=[request_id_middleware],

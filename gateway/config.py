@@ -38,6 +38,8 @@ class ServerSettings(_Base):
     file_url_ttl_s: PosInt = 86_400
     #: run the engine's workers inside the API process
     run_workers: bool = True
+    #: bearer token for the /admin endpoints (unset: they are disabled)
+    admin_token: str | None = None
 
 
 class DatabaseSettings(_Base):
@@ -110,6 +112,21 @@ class TeamDefaults(_Base):
     rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 600
 
 
+class WebhookSettings(_Base):
+    #: tries per delivery; with the delays below, 12 tries span about 5 hours
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] = 12
+    #: first retry delay, doubling each time up to ``max_delay_s`` (each times a jitter of 0.75–1.0)
+    base_delay_s: Positive = 60
+    max_delay_s: Positive = 3600
+    timeout_s: Positive = 10
+    #: at most this much of a receiver's response body is read
+    max_response_bytes: PosInt = 4096
+    #: deliveries sent at once by one process
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
+    #: hosts allowed over http and on private addresses (development and tests only)
+    allow_hosts: list[str] = msgspec.field(default_factory=list)
+
+
 class LoggingSettings(_Base):
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -130,6 +147,7 @@ class Settings(_Base):
     #: enabled providers and their options, keyed by provider name
     providers: dict[str, dict[str, Any]] = msgspec.field(default_factory=lambda: {"sandbox": {}})
     teams: TeamDefaults = msgspec.field(default_factory=TeamDefaults)
+    webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
     @property

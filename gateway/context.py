@@ -18,6 +18,7 @@ import structlog
 
 from gateway.config import ConfigError, Settings
 from gateway.engine.routing import CircuitBreaker, Router
+from gateway.netsafety import UrlPolicy, webhook_client
 from gateway.ratelimit import RateLimiter
 from gateway.signing import UrlSigner
 from gateway.store.db import Database
@@ -43,6 +44,8 @@ class Gateway:
     router: Router
     signer: UrlSigner
     rate_limiter: RateLimiter
+    url_policy: UrlPolicy
+    webhook_client: httpx.AsyncClient
     wake: Callable[[], None] = lambda: None
     closers: list[Any] = field(default_factory=list)
 
@@ -150,6 +153,8 @@ async def open_gateway(
                 http_client=http_client_factory(name),
             )
             providers[name] = cls(cfg, setup)
+        url_policy = UrlPolicy(settings.webhooks.allow_hosts)
+        webhook_http = webhook_client(url_policy, timeout_s=settings.webhooks.timeout_s, transport=transports.get("webhooks"))
         secret = await _signing_secret(db, settings.server.url_signing_secret)
         base_url = settings.server.public_base_url or f"http://{settings.server.host}:{settings.server.port}"
         gw = Gateway(
@@ -162,9 +167,13 @@ async def open_gateway(
             router=Router(providers, settings.routing.training, settings.routing.inference, CircuitBreaker()),
             signer=UrlSigner(secret, base_url),
             rate_limiter=RateLimiter(),
+            url_policy=url_policy,
+            webhook_client=webhook_http,
         )
         yield gw
     finally:
+        if "webhook_http" in locals():
+            await webhook_http.aclose()
         for p in providers.values():
             with contextlib.suppress(Exception):
                 await p.aclose()

@@ -10,11 +10,12 @@ anything is decoded, and it is fully decoded to catch truncated or corrupt files
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio.to_thread
 import msgspec
@@ -60,6 +61,7 @@ class ReceivedImage(msgspec.Struct, kw_only=True):
     format: str  # as decided by Pillow from the content
     width: int  # after applying EXIF orientation
     height: int
+    sha256: str  # of the bytes as uploaded (hashed while streaming)
 
 
 class ReceivedUpload(msgspec.Struct, kw_only=True):
@@ -85,6 +87,7 @@ class _Part(msgspec.Struct):
     path: Path | None = None
     text: bytearray | None = None
     size: int = 0
+    digest: Any = None  # hashlib sha256 of an image part, fed while streaming
 
 
 def _size_text(n: int) -> str:
@@ -183,7 +186,7 @@ class _Receiver:
                     f"at most {lim.max_images} images are allowed; {_label(index, seg.filename)} is one too many"
                 )
             path = self.tmp_dir / f"{index:04d}"
-            self.part = _Part(name, seg.filename, index, file=path.open("wb"), path=path)
+            self.part = _Part(name, seg.filename, index, file=path.open("wb"), path=path, digest=hashlib.sha256())
         elif not name:
             raise UploadRejected(f"part #{self.parts} has no field name", path="body")
         elif seg.filename is not None:
@@ -217,6 +220,7 @@ class _Receiver:
             raise UploadRejected(f"the images total more than {_size_text(lim.max_total_bytes)} (at {label})")
         assert part.file is not None
         part.file.write(chunk)
+        part.digest.update(chunk)
 
     async def end(self) -> None:
         """The current part is complete: keep the field, or validate the image in a thread."""
@@ -235,7 +239,8 @@ class _Receiver:
         except _BadImage as bad:
             raise UploadRejected(f"{_label(part.index, part.filename)}: {bad}") from None
         self.images.append(ReceivedImage(index=part.index, filename=part.filename, path=part.path,
-                                         size=part.size, format=fmt, width=width, height=height))
+                                         size=part.size, format=fmt, width=width, height=height,
+                                         sha256=part.digest.hexdigest()))
 
     def close(self) -> None:
         """Close the open temp file, if any (the caller removes the directory)."""

@@ -250,6 +250,10 @@ class Provider(ABC):
     async def generation_status(self, ref: str) -> GenerationStatus:
         raise ProviderRejected(f"{self.name} does not generate")
 
+    async def lookup_generation(self, attempt_id: str) -> GenerationStatus | None:
+        """Find a generation by the gateway's attempt id (only if ``can_lookup``)."""
+        return None
+
     # -- files
     async def fetch_file(self, url: str, dest: Path, *, max_bytes: int) -> None:
         """Copy a result (artifact or image) the provider pointed at into ``dest``."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import struct
@@ -204,6 +205,23 @@ class SandboxProvider(Provider):
         except FileNotFoundError:
             raise ProviderRejected(f"sandbox: unknown job {ref!r}") from None
 
+    def _log_call(self, kind: str, attempt_id: str) -> None:
+        """Append one line per submit call: the record a crash test reads to prove that no
+        attempt was ever sent twice (the on-disk jobs alone are idempotent and would hide it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.root / "calls.log", "a", encoding="utf-8") as fh:
+            fh.write(f"{kind} {attempt_id}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def calls(self) -> list[tuple[str, str]]:
+        """Every ``(kind, attempt_id)`` submit call ever made, in order (``training``/``generation``)."""
+        try:
+            lines = (self.root / "calls.log").read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [tuple(line.split(" ", 1)) for line in lines if " " in line]  # type: ignore[misc]
+
     def submissions(self) -> list[str]:
         """Attempt ids of every distinct training ever submitted (read from disk), oldest first."""
         folder = self.root / "trainings"
@@ -214,6 +232,7 @@ class SandboxProvider(Provider):
 
     async def start_training(self, spec: TrainingSpec, dataset: Dataset) -> TrainingSubmission:
         self.submit_calls += 1
+        await anyio.to_thread.run_sync(self._log_call, "training", spec.attempt_id)
         ref = _ref("t", spec.attempt_id)
         if await anyio.to_thread.run_sync(self._job_path(ref).exists):
             return TrainingSubmission(ref=ref)  # idempotent on the attempt id
@@ -287,6 +306,10 @@ class SandboxProvider(Provider):
     # ------------------------------------------------------------------ inference
 
     async def generate(self, spec: GenerationSpec, lora: LoraHandle) -> GenerationStatus:
+        await anyio.to_thread.run_sync(self._log_call, "generation", spec.attempt_id)
+        ref = _ref("g", spec.attempt_id)
+        if await anyio.to_thread.run_sync(self._job_path(ref).exists):
+            return await self.generation_status(ref)  # idempotent on the attempt id
         if not 1 <= spec.num_outputs <= _INFERENCE.max_outputs:
             raise ProviderRejected(f"sandbox: num_outputs {spec.num_outputs} outside 1..{_INFERENCE.max_outputs}")
         if spec.output_format not in _FORMATS:
@@ -311,10 +334,16 @@ class SandboxProvider(Provider):
             num_outputs=spec.num_outputs, width=spec.width, height=spec.height,
             output_format=spec.output_format, error=error, retryable=retryable,
         )
+        await anyio.to_thread.run_sync(lambda: self._save(job, only_new=True))
         if cfg.generation_seconds == 0:
             return await self._finish(job)
-        await anyio.to_thread.run_sync(lambda: self._save(job, only_new=True))
         return GenerationStatus(state="queued", ref=ref, progress=0.0)
+
+    async def lookup_generation(self, attempt_id: str) -> GenerationStatus | None:
+        ref = _ref("g", attempt_id)
+        if not await anyio.to_thread.run_sync(self._job_path(ref).exists):
+            return None
+        return await self.generation_status(ref)
 
     async def generation_status(self, ref: str) -> GenerationStatus:
         job = await self._load(ref, _GenerationJob)

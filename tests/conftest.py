@@ -144,6 +144,25 @@ class Api:
         return body
 
 
+#: the tests' DNS: no network here, so names resolve from this table (addresses as in real life)
+FAKE_DNS = {
+    "example.com": ["93.184.215.14"],
+    "hooks.example.com": ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"],
+    "localhost": ["127.0.0.1"],
+    "internal.example.com": ["10.0.0.5"],
+    "rebind.example.com": ["169.254.169.254"],
+    "mixed.example.com": ["93.184.215.14", "192.168.1.10"],
+    "v6local.example.com": ["::1"],
+}
+
+
+async def fake_resolver(host: str, port: int) -> list[str]:
+    try:
+        return list(FAKE_DNS[host.lower()])
+    except KeyError:
+        raise OSError(f"cannot resolve {host}") from None
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return settings_from_mapping(fast_config(tmp_path, **overrides), env={})
 
@@ -163,6 +182,7 @@ def make_api(tmp_path: Path) -> Callable[..., Any]:
         # and event loop; the database and workers must live on the test's loop, so the
         # lifespan is run here and the client is used without entering it.
         async with running(app), AsyncTestClient(app, timeout=60) as client:
+            app.state.gw.url_policy.resolver = fake_resolver
             team, new = await accounts.create_team(
                 app.state.gw.db, name="test", credits=credits, max_concurrent_trainings=max_trainings
             )

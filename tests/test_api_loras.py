@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import random
 import re
 import time
@@ -396,8 +397,6 @@ async def test_default_10mb_limit_rejected_while_streaming(make_api: Callable[..
         )
         assert spooled and max(spooled) > 5 * 1024 * 1024, spooled
         assert status == 400, out
-        import json
-
         err = json.loads(out)
         assert "images" in err["details"] and "10 MB" in err["details"]["images"][0]
         assert pulled < total, "the body was read to the end before rejecting"
@@ -726,3 +725,36 @@ async def test_uuids_are_case_insensitive(make_api: Callable[..., Any]) -> None:
         assert [i["id"] for i in page["items"]] == [a]
         assert (await api.client.delete(f"/v2/loras/{a.upper()}", headers=api.h())).status_code == 204
         assert (await api.client.get(f"/v2/loras/{a}", headers=api.h())).json()["status"] == "ARCHIVED"
+
+
+# --------------------------------------------------------------------------- FAILED and refunds
+
+
+async def test_training_failure_refunds_the_training_fee(make_api: Callable[..., Any]) -> None:
+    providers = {"sandbox": {"training_seconds": 0.1, "queue_seconds": 0, "training_failure_rate": 1.0}}
+    async with make_api(providers=providers, engine={"max_attempts": 1}) as api:
+        start = await api.credits()
+        lora = await api.wait_lora((await api.create_lora(15)).json()["id"])
+        check_lora_shape(lora)
+        assert lora["status"] == "FAILED", lora
+        assert isinstance(lora["error"], str) and lora["error"]
+        assert lora["triggerWord"] is None and lora["isReady"] is False and lora["hasWeights"] is False
+        assert lora["completedAt"] is not None
+        # training had begun: the 255 comes back, the 2-credit create fee does not
+        assert await api.credits() == start - 2
+        r = await api.client.post(
+            "/v2/images/generate", headers=api.h(),
+            json={"prompt": "p", "model": "flux-lora", "fluxLoraParams": {"loraId": lora["id"]}},
+        )
+        assert_400(r, "fluxLoraParams.loraId")
+
+
+async def test_failure_before_training_refunds_the_create_fee_too(make_api: Callable[..., Any]) -> None:
+    async with make_api(providers=FAST, credits=2) as api:  # the 2-credit fee, but not the 255
+        r = await api.create_lora(15)
+        assert r.status_code == 202, r.text
+        assert await api.credits() == 0
+        lora = await api.wait_lora(r.json()["id"])
+        assert lora["status"] == "FAILED" and "credits" in lora["error"]
+        assert lora["startedAt"] is None and lora["triggerWord"] is None
+        assert await api.credits() == 2

@@ -324,13 +324,13 @@ async def test_generate_is_deterministic_in_seed(make: Any) -> None:
     p = make()
     a = await p.generate(gspec(seed=1), LORA)
     b = await make().generate(gspec(seed=1, attempt_id="other"), LORA)
-    c = await p.generate(gspec(seed=2), LORA)
+    c = await p.generate(gspec(seed=2, attempt_id="g-seed2"), LORA)
     assert a.images[0].data == b.images[0].data != c.images[0].data
-    d = await p.generate(gspec(seed=None), LORA)
-    e = await p.generate(gspec(seed=None), LORA)
+    d = await p.generate(gspec(seed=None, attempt_id="g-none"), LORA)
+    e = await p.generate(gspec(seed=None, attempt_id="g-none"), LORA)
     f = await p.generate(gspec(seed=None, attempt_id="g-2"), LORA)
     assert d.images[0].data == e.images[0].data != f.images[0].data
-    g = await p.generate(gspec(seed=1, lora_strength=0.5), LORA)
+    g = await p.generate(gspec(seed=1, lora_strength=0.5, attempt_id="g-half"), LORA)
     assert g.images[0].data != a.images[0].data
 
 
@@ -360,11 +360,11 @@ async def test_delayed_generation(make: Any, clock: FakeClock) -> None:
 async def test_failing_generation(make: Any, clock: FakeClock) -> None:
     st = await make(fail_prompts_containing="forbidden").generate(gspec(prompt=f"{WORD} forbidden"), LORA)
     assert st.state == "failed" and st.retryable is False and st.error and not st.images
-    st = await make(generation_failure_rate=1.0).generate(gspec(), LORA)
+    st = await make(generation_failure_rate=1.0).generate(gspec(attempt_id="g-rate1"), LORA)
     assert st.state == "failed" and st.retryable is True
-    assert (await make(generation_failure_rate=0.0).generate(gspec(), LORA)).state == "succeeded"
+    assert (await make(generation_failure_rate=0.0).generate(gspec(attempt_id="g-rate0"), LORA)).state == "succeeded"
     p = make(generation_failure_rate=1.0, generation_seconds=1)
-    q = await p.generate(gspec(), LORA)
+    q = await p.generate(gspec(attempt_id="g-delayed"), LORA)
     assert q.state == "queued" and q.ref
     clock.advance(1)
     st = await p.generation_status(q.ref)
@@ -384,3 +384,24 @@ async def test_artifact_path_is_checked(make: Any, tmp_path: Path, clock: FakeCl
     await p.fetch_file(f"sandbox://artifacts/{ref}.safetensors", real, max_bytes=1 << 20)
     st = await p.generate(gspec(), msgspec.structs.replace(LORA, artifact_path=real))
     assert st.state == "succeeded"
+
+
+async def test_generation_is_idempotent_and_can_be_looked_up(make: Any) -> None:
+    p = make()
+    assert await p.lookup_generation("g-look") is None
+    first = await p.generate(gspec(attempt_id="g-look"), LORA)
+    again = await p.generate(gspec(attempt_id="g-look", prompt="something else"), LORA)
+    assert again.images[0].data == first.images[0].data  # the job of that attempt, not a new one
+    found = await p.lookup_generation("g-look")
+    assert found is not None and found.state == "succeeded" and found.images[0].data == first.images[0].data
+    # every call is logged, so a test can tell a resubmission from a lookup
+    assert p.calls().count(("generation", "g-look")) == 2
+
+
+async def test_every_training_submit_call_is_logged(make: Any, tmp_path: Path) -> None:
+    p = make()
+    ds = make_dataset(tmp_path / "ds")
+    await p.start_training(tspec(attempt_id="att-log"), ds)
+    await p.start_training(tspec(attempt_id="att-log"), ds)
+    assert p.calls() == [("training", "att-log"), ("training", "att-log")]
+    assert p.submissions() == ["att-log"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import structlog
 
+from gateway import webhooks
 from gateway.context import MB, Gateway
 from gateway.engine.loras import LeaseLost
 from gateway.engine.routing import InferenceNeeds
@@ -105,9 +106,7 @@ async def _submit(gw: Gateway, job: Job, owner: str) -> bool:
         return False
     current = attempts[-1] if attempts else None
     if current is not None and current.state == "submitting":
-        # interrupted between recording the attempt and hearing back: generation results are
-        # not looked up, so the attempt is closed and the job moves on within its budget
-        return await _attempt_failed(gw, job, owner, current, "generation interrupted", True)
+        return await _reconcile(gw, job, owner, current, handle)
     if job.attempts_used >= gw.settings.engine.max_attempts:
         await _fail(gw, job, owner, next((a.error for a in reversed(attempts) if a.error), "generation failed"))
         return False
@@ -129,6 +128,10 @@ async def _submit(gw: Gateway, job: Job, owner: str) -> bool:
     async with gw.db.tx() as conn:
         await work.insert_attempt(conn, attempt)
         await _update(conn, job, owner, attempts_used=job.attempts_used + 1)
+    return await _send(gw, job, owner, provider, attempt, handle)
+
+
+async def _send(gw: Gateway, job: Job, owner: str, provider: Provider, attempt: Attempt, handle: LoraHandle) -> bool:
     spec = _spec(job, attempt.id, handle, provider)
     log.info("generation_submitting", provider=provider.name, attempt=attempt.seq)
     try:
@@ -138,6 +141,26 @@ async def _submit(gw: Gateway, job: Job, owner: str) -> bool:
         log.warning("provider_call_failed", provider=provider.name, call="generate", error=e.message)
         return await _attempt_failed(gw, job, owner, attempt, e.message, e.retryable)
     return await _handle_status(gw, job, owner, provider, attempt, status, spec.output_format)
+
+
+async def _reconcile(gw: Gateway, job: Job, owner: str, attempt: Attempt, handle: LoraHandle) -> bool:
+    """The process stopped between recording the attempt and hearing back from the provider."""
+    provider = gw.providers.get(attempt.provider)
+    if provider is None or not provider.capabilities.can_lookup:
+        # cannot ask: do not send blindly again to it; the job moves on within its budget
+        return await _attempt_failed(gw, job, owner, attempt, "generation outcome unknown after an interruption", True)
+    try:
+        found = await provider.lookup_generation(attempt.id)
+    except ProviderError as e:
+        log.warning("provider_call_failed", provider=provider.name, call="lookup_generation", error=e.message)
+        async with gw.db.tx() as conn:
+            await _update(conn, job, owner, next_run_at=now() + 5, lease_owner=None, lease_expires=None)
+        return False
+    log.info("submission_reconciled", provider=provider.name, found=found is not None)
+    if found is None:
+        return await _send(gw, job, owner, provider, attempt, handle)  # it never arrived
+    fmt = job.input["fluxLoraParams"].get("output_format") or "png"
+    return await _handle_status(gw, job, owner, provider, attempt, found, fmt)
 
 
 async def _poll(gw: Gateway, job: Job, owner: str) -> bool:
@@ -176,6 +199,8 @@ async def _handle_status(
         )
         await _update(conn, job, owner, stage="poll", progress=progress, next_run_at=now() + delay,
                       lease_owner=None, lease_expires=None)
+        if progress is not None and progress != job.progress:
+            await webhooks.on_job_event(conn, job.id, "progress")
     return False
 
 
@@ -210,6 +235,7 @@ async def _store(
                                   provider_ref=status.ref or attempt.provider_ref, submitted_at=attempt.submitted_at or now())
         await _update(conn, job, owner, status="COMPLETED", stage="done", progress=100, completed_at=now(),
                       error=None, lease_owner=None, lease_expires=None)
+        await webhooks.on_job_event(conn, job.id, "completed", [gw.file_url(i.storage_key) for i in images])
     log.info("job_completed", provider=provider.name, images=len(images))
     return False
 
@@ -231,6 +257,7 @@ async def _fail(gw: Gateway, job: Job, owner: str, error: str) -> None:
         await _update(conn, job, owner, status="FAILED", stage="done", error=error[:500], completed_at=now(),
                       credit_cost=0, lease_owner=None, lease_expires=None)
         await teams_store.refund(conn, job.team_id, ref=job.id, charge_kind="job", reason="generation failed")
+        await webhooks.on_job_event(conn, job.id, "failed")
     log.info("job_failed", error=error)
 
 

@@ -22,6 +22,7 @@ import structlog
 from gateway.artifacts import ArtifactInvalid, inspect_artifact
 from gateway.context import MB, Gateway
 from gateway.datasets import PrepConfig, prepare_dataset
+from gateway import webhooks
 from gateway.engine.routing import TrainingNeeds
 from gateway.store import teams as teams_store
 from gateway.store import work
@@ -351,6 +352,7 @@ async def _ready(gw: Gateway, lora: Lora, owner: str, artifact: Artifact | None)
             portable=artifact is not None, artifact_id=artifact.id if artifact else None,
             lease_owner=None, lease_expires=None,
         )
+        await webhooks.on_lora_terminal(conn, lora.id)
     log.info("lora_ready", portable=artifact is not None)
     await _cleanup_work(gw, lora.id)
 
@@ -380,6 +382,7 @@ async def _fail(gw: Gateway, lora: Lora, owner: str, error: str) -> None:
         await teams_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_training", reason="LoRA training failed")
         if lora.started_at is None:
             await teams_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_create", reason="LoRA failed before training")
+        await webhooks.on_lora_terminal(conn, lora.id)
     log.info("lora_failed", error=error)
     await _cleanup_work(gw, lora.id)
 

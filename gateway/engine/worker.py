@@ -18,7 +18,8 @@ import structlog
 from gateway.context import Gateway
 from gateway.engine import jobs, loras
 from gateway.engine.loras import LeaseLost
-from gateway.store import work
+from gateway.store import durability, work
+from gateway.webhooks import Deliverer
 from gateway.timeutil import now
 
 log = structlog.get_logger()
@@ -29,12 +30,15 @@ class Engine:
         self.gw = gw
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = anyio.Event()
+        self._deliveries_due = anyio.Event()
         self._inflight: set[tuple[str, str]] = set()
         self.ready = False
+        self.deliverer = Deliverer(gw.db, gw.settings.webhooks, gw.webhook_client, self.owner)
         gw.wake = self.wake
 
     def wake(self) -> None:
         self._wake.set()
+        self._deliveries_due.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
         e = self.gw.settings.engine
@@ -42,6 +46,7 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._deliver_loop)
                 self.ready = True
                 task_status.started()
                 while True:
@@ -85,18 +90,32 @@ class Engine:
             self._inflight.discard((kind, row_id))
             self.wake()
 
+    async def _deliver_loop(self) -> None:
+        e = self.gw.settings.engine
+        while True:
+            try:
+                sent = await self.deliverer.run_due(self.gw.settings.webhooks.concurrency)
+            except Exception:
+                log.exception("webhook_loop_failed")
+                sent = 0
+            if sent:
+                continue  # there may be more due right away
+            with anyio.move_on_after(e.poll_interval_s):
+                await self._deliveries_due.wait()
+            self._deliveries_due = anyio.Event()
+
     async def _heartbeat(self) -> None:
         e = self.gw.settings.engine
         while True:
             await anyio.sleep(e.lease_s / 3)
-            if not self._inflight:
-                continue
             async with self.gw.db.tx() as conn:
                 await work.renew_leases(conn, self.owner, now() + e.lease_s)
+                await durability.renew_delivery_leases(conn, self.owner, now() + e.lease_s)
 
     async def _release_all(self) -> None:
         try:
             async with self.gw.db.tx() as conn:
                 await work.release_owner(conn, self.owner)
+                await durability.release_deliveries(conn, self.owner)
         except Exception:  # the database may already be closed on a hard stop
             log.warning("lease_release_failed", owner=self.owner, exc_info=True)

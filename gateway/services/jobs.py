@@ -11,6 +11,7 @@ import structlog
 
 from gateway.context import Gateway
 from gateway.engine.jobs import CREDITS_PER_IMAGE
+from gateway.services.loras import check_webhook_url
 from gateway.errors import InsufficientCredits, NotFound, ValidationFailed
 from gateway.store import teams as teams_store
 from gateway.store import work
@@ -68,14 +69,13 @@ def decode_generate(body: bytes) -> GenerateImageRequest:
         raise ValidationFailed.at("fluxLoraParams.loraId", "Must be a UUID")
     if req.prompt.strip() == "":
         raise ValidationFailed.at("prompt", "Must not be blank")
-    if req.webhookUrl is not None and not re.match(r"^https://[^\s/?#]+", req.webhookUrl):
-        raise ValidationFailed.at("webhookUrl", "Must be an https:// URL")
     return req
 
 
 async def create(gw: Gateway, principal: Principal, req: GenerateImageRequest) -> Job:
     params = req.fluxLoraParams
     assert params is not None
+    await check_webhook_url(gw, req.webhookUrl)
     async with gw.db.read() as conn:
         lora = await work.get_lora(conn, params.loraId.lower(), principal.team_id)
     if lora is None:  # another team's LoRA reads exactly like a missing one

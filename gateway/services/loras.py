@@ -9,6 +9,7 @@ import structlog
 
 from gateway.context import Gateway
 from gateway.engine import loras as lora_engine
+from gateway.netsafety import UnsafeUrl
 from gateway.errors import InsufficientCredits, NotFound, RateLimited, ValidationFailed
 from gateway.store import teams as teams_store
 from gateway.store import work
@@ -76,8 +77,6 @@ def parse_form(fields: dict[str, str]) -> LoraForm:
     steps = _int_field(fields, "steps", 1000, 500, 3000, errors)
     rank = _int_field(fields, "loraRank", 32, 8, 64, errors)
     webhook_url = _str_field(fields, "webhookUrl", 1, 2048, errors, required=False)
-    if webhook_url is not None and not re.match(r"^https://[^\s/?#]+", webhook_url):
-        errors.setdefault("webhookUrl", []).append("Must be an https:// URL")
     events_raw = fields.get("webhookEvents")
     events = list(WEBHOOK_EVENTS)
     if events_raw is not None and events_raw.strip():
@@ -114,8 +113,19 @@ def _check_cap(active: int, cap: int) -> None:
         )
 
 
+async def check_webhook_url(gw: Gateway, url: str | None, path: str = "webhookUrl") -> None:
+    """400 unless the URL is https and resolves only to public addresses (see netsafety)."""
+    if url is None:
+        return
+    try:
+        await gw.url_policy.check(url)
+    except UnsafeUrl as e:
+        raise ValidationFailed.at(path, f"Not an allowed webhook URL: {e}") from None
+
+
 async def create(gw: Gateway, principal: Principal, upload: ReceivedUpload) -> Lora:
     form = parse_form(upload.fields)
+    await check_webhook_url(gw, form.webhook_url)
     lora_id = new_id()
     try:
         for img in upload.images:

@@ -154,4 +154,53 @@ def m001_initial() -> list[str]:
     ]
 
 
-MIGRATIONS = [m001_initial]
+def m002_durability() -> list[str]:
+    return [
+        # Idempotency-Key: (team, key) -> what the first request was and what it created
+        """CREATE TABLE idempotency (
+            team_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            route TEXT NOT NULL,
+            request_digest TEXT NOT NULL,
+            object_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (team_id, key)
+        )""",
+        "CREATE INDEX idempotency_created ON idempotency (created_at)",
+        # outbound webhooks: one row per delivery, kept across retries
+        """CREATE TABLE deliveries (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,               -- whose sha256 signs it
+            owner_kind TEXT NOT NULL,           -- 'lora' | 'job'
+            owner_id TEXT NOT NULL,
+            event TEXT NOT NULL,
+            dedup TEXT NOT NULL UNIQUE,         -- one delivery per (object, event[, progress])
+            url TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            terminal INTEGER NOT NULL,          -- decides the job's webhookStatus
+            status TEXT NOT NULL,               -- pending | delivered | failed
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_try_at REAL NOT NULL,
+            lease_owner TEXT,
+            lease_expires REAL,
+            last_status_code INTEGER,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            delivered_at REAL
+        )""",
+        "CREATE INDEX deliveries_due ON deliveries (next_try_at) WHERE status = 'pending'",
+        "CREATE INDEX deliveries_team ON deliveries (team_id, created_at DESC)",
+        """CREATE TABLE delivery_attempts (
+            delivery_id TEXT NOT NULL REFERENCES deliveries(id),
+            attempt INTEGER NOT NULL,
+            at REAL NOT NULL,
+            status_code INTEGER,
+            error TEXT,
+            duration_ms INTEGER NOT NULL,
+            PRIMARY KEY (delivery_id, attempt)
+        )""",
+    ]
+
+
+MIGRATIONS = [m001_initial, m002_durability]

@@ -1,0 +1,172 @@
+"""Idempotency keys and outbound webhook deliveries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from gateway.store.models import row_to
+from gateway.timeutil import now
+
+
+class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    team_id: str
+    key: str
+    route: str
+    request_digest: str
+    object_id: str
+    created_at: float
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    team_id: str
+    key_id: str
+    owner_kind: str
+    owner_id: str
+    event: str
+    dedup: str
+    url: str
+    payload: bytes
+    terminal: bool
+    status: str
+    attempts: int
+    next_try_at: float
+    lease_owner: str | None
+    lease_expires: float | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: float
+    delivered_at: float | None
+
+
+class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    delivery_id: str
+    attempt: int
+    at: float
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+async def idempotency_get(conn: aiosqlite.Connection, team_id: str, key: str, *, newer_than: float) -> IdempotencyRecord | None:
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT * FROM idempotency WHERE team_id = ? AND key = ? AND created_at > ?", (team_id, key, newer_than)
+        )
+    )
+    return row_to(IdempotencyRecord, rows[0]) if rows else None
+
+
+async def idempotency_put(conn: aiosqlite.Connection, rec: IdempotencyRecord) -> None:
+    """Insert, replacing an expired record of the same key."""
+    await conn.execute(
+        """INSERT INTO idempotency (team_id, key, route, request_digest, object_id, created_at)
+           VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (team_id, key) DO UPDATE SET route = excluded.route,
+             request_digest = excluded.request_digest, object_id = excluded.object_id,
+             created_at = excluded.created_at""",
+        (rec.team_id, rec.key, rec.route, rec.request_digest, rec.object_id, rec.created_at),
+    )
+
+
+async def idempotency_purge(conn: aiosqlite.Connection, older_than: float) -> int:
+    cur = await conn.execute("DELETE FROM idempotency WHERE created_at <= ?", (older_than,))
+    return cur.rowcount
+
+
+# --------------------------------------------------------------------------- deliveries
+
+
+async def insert_delivery(conn: aiosqlite.Connection, d: Delivery) -> bool:
+    """Queue a delivery; an identical one (same dedup key) already queued is kept instead."""
+    data = {k: getattr(d, k) for k in Delivery.__struct_fields__}
+    cols = ", ".join(data)
+    marks = ", ".join("?" for _ in data)
+    cur = await conn.execute(
+        f"INSERT INTO deliveries ({cols}) VALUES ({marks}) ON CONFLICT (dedup) DO NOTHING", tuple(data.values())
+    )
+    return cur.rowcount == 1
+
+
+async def get_delivery(conn: aiosqlite.Connection, delivery_id: str) -> Delivery | None:
+    rows = list(await conn.execute_fetchall("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)))
+    return row_to(Delivery, rows[0]) if rows else None
+
+
+async def list_deliveries(
+    conn: aiosqlite.Connection, team_id: str, *, status: str | None = None, limit: int = 100
+) -> list[Delivery]:
+    sql = "SELECT * FROM deliveries WHERE team_id = ?"
+    args: list[Any] = [team_id]
+    if status:
+        sql += " AND status = ?"
+        args.append(status)
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    args.append(limit)
+    return [row_to(Delivery, r) for r in await conn.execute_fetchall(sql, args)]
+
+
+async def delivery_attempts(conn: aiosqlite.Connection, delivery_id: str) -> list[DeliveryAttempt]:
+    rows = await conn.execute_fetchall(
+        "SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY attempt", (delivery_id,)
+    )
+    return [row_to(DeliveryAttempt, r) for r in rows]
+
+
+async def claim_deliveries(conn: aiosqlite.Connection, *, owner: str, lease_s: float, limit: int) -> list[str]:
+    t = now()
+    rows = await conn.execute_fetchall(
+        """UPDATE deliveries SET lease_owner = ?, lease_expires = ?
+           WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND next_try_at <= ?
+                          AND (lease_expires IS NULL OR lease_expires < ?) ORDER BY next_try_at LIMIT ?)
+           RETURNING id""",
+        (owner, t + lease_s, t, t, limit),
+    )
+    return [r[0] for r in rows]
+
+
+async def record_delivery_attempt(
+    conn: aiosqlite.Connection, d: Delivery, *, owner: str, status_code: int | None, error: str | None,
+    duration_ms: int, outcome: str, next_try_at: float,
+) -> bool:
+    """Log one try and move the delivery on (lease-conditioned). Returns whether it applied."""
+    attempt = d.attempts + 1
+    cur = await conn.execute(
+        """UPDATE deliveries SET attempts = ?, status = ?, next_try_at = ?, last_status_code = ?, last_error = ?,
+             delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END,
+             lease_owner = NULL, lease_expires = NULL
+           WHERE id = ? AND lease_owner = ?""",
+        (attempt, outcome, next_try_at, status_code, error, outcome, now(), d.id, owner),
+    )
+    if cur.rowcount != 1:
+        return False
+    await conn.execute(
+        "INSERT INTO delivery_attempts (delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        (d.id, attempt, now(), status_code, error, duration_ms),
+    )
+    return True
+
+
+async def replay_delivery(conn: aiosqlite.Connection, delivery_id: str, team_id: str) -> bool:
+    cur = await conn.execute(
+        """UPDATE deliveries SET status = 'pending', next_try_at = ?, lease_owner = NULL, lease_expires = NULL
+           WHERE id = ? AND team_id = ?""",
+        (now(), delivery_id, team_id),
+    )
+    return cur.rowcount == 1
+
+
+async def release_deliveries(conn: aiosqlite.Connection, owner: str) -> None:
+    await conn.execute(
+        "UPDATE deliveries SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?", (owner,)
+    )
+
+
+async def renew_delivery_leases(conn: aiosqlite.Connection, owner: str, until: float) -> None:
+    await conn.execute("UPDATE deliveries SET lease_expires = ? WHERE lease_owner = ?", (until, owner))

@@ -1,0 +1,186 @@
+"""Outbound webhooks: payloads, Apiframe's signature, the durable delivery queue and its sender.
+
+A delivery is queued in the same transaction that moves its LoRA or job, so an event is never
+lost or duplicated by a crash. It keeps one id across retries (``X-Webhook-Delivery``), so a
+receiver can de-duplicate. Retries back off exponentially with jitter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import time
+from typing import Any, Callable
+
+import aiosqlite
+import anyio
+import httpx
+import msgspec
+import structlog
+
+from gateway.config import WebhookSettings
+from gateway.store import durability
+from gateway.store import teams as teams_store
+from gateway.store import work
+from gateway.store.durability import Delivery
+from gateway.store.models import Job, Lora
+from gateway.timeutil import iso, new_id, now
+
+log = structlog.get_logger()
+
+LORA_DEFAULT_EVENTS = ("completed", "failed")
+JOB_DEFAULT_EVENTS = ("completed", "failed")
+
+
+def sign(key_digest: bytes, body: bytes) -> str:
+    """``sha256=<hex HMAC-SHA256(key = sha256(api key) raw digest, msg = raw body)>``."""
+    return "sha256=" + hmac.new(key_digest, body, hashlib.sha256).hexdigest()
+
+
+def lora_payload(lora: Lora, event: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "event": event, "id": lora.id, "status": lora.status,
+        "imageCount": lora.image_count, "completedAt": iso(lora.completed_at),
+    }
+    if lora.status == "READY":
+        body["triggerWord"] = lora.trigger_word
+    if lora.status == "FAILED":
+        body["error"] = lora.error
+    return body
+
+
+def job_payload(job: Job, event: str, image_urls: list[str] | None = None) -> dict[str, Any]:
+    if event == "completed":
+        return {
+            "event": "completed", "jobId": job.id, "status": "COMPLETED", "progress": 100,
+            "result": {"images": image_urls or []}, "model": job.model, "creditCost": job.credit_cost,
+            "completedAt": iso(job.completed_at),
+        }
+    if event == "failed":
+        return {"event": "failed", "jobId": job.id, "status": "FAILED", "error": job.error, "model": job.model}
+    return {"event": "progress", "jobId": job.id, "status": "PROCESSING", "progress": job.progress, "model": job.model}
+
+
+async def enqueue(
+    conn: aiosqlite.Connection, *, team_id: str, key_id: str, kind: str, owner_id: str,
+    url: str, event: str, payload: dict[str, Any], terminal: bool, dedup_suffix: str = "",
+) -> None:
+    """Queue one delivery in the caller's transaction (a no-op if the same one is queued)."""
+    ts = now()
+    await durability.insert_delivery(conn, Delivery(
+        id=new_id(), team_id=team_id, key_id=key_id, owner_kind=kind, owner_id=owner_id, event=event,
+        dedup=f"{kind}:{owner_id}:{event}{dedup_suffix}", url=url, payload=msgspec.json.encode(payload),
+        terminal=terminal, status="pending", attempts=0, next_try_at=ts, lease_owner=None, lease_expires=None,
+        last_status_code=None, last_error=None, created_at=ts, delivered_at=None,
+    ))
+
+
+async def on_lora_terminal(conn: aiosqlite.Connection, lora_id: str) -> None:
+    """Queue the LoRA's ``completed``/``failed`` webhook if it asked for that event."""
+    lora = await work.get_lora(conn, lora_id)
+    if lora is None or not lora.webhook_url:
+        return
+    event = {"READY": "completed", "FAILED": "failed"}.get(lora.status)
+    if event is None or event not in lora.webhook_events.split(","):
+        return
+    await enqueue(conn, team_id=lora.team_id, key_id=lora.key_id, kind="lora", owner_id=lora.id,
+                  url=lora.webhook_url, event=event, payload=lora_payload(lora, event), terminal=True)
+
+
+async def on_job_event(conn: aiosqlite.Connection, job_id: str, event: str, image_urls: list[str] | None = None) -> None:
+    job = await work.get_job(conn, job_id)
+    if job is None or not job.webhook_url:
+        return
+    events = job.webhook_events or list(JOB_DEFAULT_EVENTS)
+    if event not in events:
+        if event in ("completed", "failed"):
+            await work.update_job(conn, job.id, webhook_status=None)  # nothing will be sent
+        return
+    suffix = f":{job.progress}" if event == "progress" else ""
+    await enqueue(conn, team_id=job.team_id, key_id=job.key_id, kind="job", owner_id=job.id, url=job.webhook_url,
+                  event=event, payload=job_payload(job, event, image_urls), terminal=event != "progress",
+                  dedup_suffix=suffix)
+
+
+def retry_delay(cfg: WebhookSettings, attempts: int, rng: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter: base·2^(n-1), capped, times a factor in [0.75, 1.0]."""
+    raw = min(cfg.max_delay_s, cfg.base_delay_s * (2 ** max(0, attempts - 1)))
+    return raw * (0.75 + 0.25 * rng())
+
+
+class Deliverer:
+    """Sends due deliveries. Runs inside the engine; several processes may run one."""
+
+    def __init__(self, db: Any, cfg: WebhookSettings, client: httpx.AsyncClient, owner: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.db = db
+        self.cfg = cfg
+        self.client = client
+        self.owner = owner
+        self.clock = clock
+
+    async def run_due(self, limit: int) -> int:
+        async with self.db.tx() as conn:
+            ids = await durability.claim_deliveries(conn, owner=self.owner, lease_s=self.cfg.timeout_s * 3 + 30, limit=limit)
+        if not ids:
+            return 0
+        async with anyio.create_task_group() as tg:
+            for delivery_id in ids:
+                tg.start_soon(self.deliver, delivery_id)
+        return len(ids)
+
+    async def deliver(self, delivery_id: str) -> None:
+        async with self.db.read() as conn:
+            d = await durability.get_delivery(conn, delivery_id)
+            key = await teams_store.key_by_id(conn, d.key_id) if d else None
+        if d is None or d.lease_owner != self.owner or d.status != "pending":
+            return
+        status_code, error = None, None
+        started = self.clock()
+        if key is None:
+            error = "the signing key no longer exists"
+        else:
+            status_code, error = await self._post(d, key.digest)
+        duration_ms = int((self.clock() - started) * 1000)
+        ok = status_code is not None and 200 <= status_code < 300
+        attempts = d.attempts + 1
+        if ok:
+            outcome, next_try = "delivered", d.next_try_at
+        elif attempts >= self.cfg.max_attempts or key is None:
+            outcome, next_try = "failed", d.next_try_at
+        else:
+            outcome, next_try = "pending", now() + retry_delay(self.cfg, attempts)
+        async with self.db.tx() as conn:
+            applied = await durability.record_delivery_attempt(
+                conn, d, owner=self.owner, status_code=status_code, error=error, duration_ms=duration_ms,
+                outcome=outcome, next_try_at=next_try,
+            )
+            if applied and d.terminal and d.owner_kind == "job" and outcome != "pending":
+                await work.update_job(conn, d.owner_id, webhook_status=outcome)
+        log.info(
+            "webhook_delivered" if ok else "webhook_attempt_failed", delivery_id=d.id, event=d.event,
+            attempt=attempts, status_code=status_code, error=error, outcome=outcome, duration_ms=duration_ms,
+        )
+
+    async def _post(self, d: Delivery, key_digest: bytes) -> tuple[int | None, str | None]:
+        headers = {
+            "content-type": "application/json",
+            "x-webhook-signature": sign(key_digest, d.payload),
+            "x-webhook-event": d.event,
+            "x-webhook-delivery": d.id,
+        }
+        try:
+            async with self.client.stream("POST", d.url, content=d.payload, headers=headers) as resp:
+                read = 0
+                async for chunk in resp.aiter_raw():  # read at most a small cap, then stop
+                    read += len(chunk)
+                    if read >= self.cfg.max_response_bytes:
+                        break
+                if 300 <= resp.status_code < 400:
+                    return resp.status_code, "redirects are not followed"
+                return resp.status_code, None if resp.status_code < 300 else f"HTTP {resp.status_code}"
+        except httpx.TimeoutException:
+            return None, "timed out"
+        except httpx.HTTPError as e:
+            return None, (str(e) or type(e).__name__)[:300]

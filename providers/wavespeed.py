@@ -1,0 +1,481 @@
+"""``wavespeed``: LoRA training (``flux-dev-lora-trainer``) and inference (``flux-dev-lora``).
+
+The wire contract is CONTRACTS.md §2. The vendor's JSON lives in private Structs; the
+``*_to_wire`` / ``*_from_wire`` static methods are pure and kept apart from the I/O. Two httpx
+clients, both built through ``setup.http_client``: one for the API (it carries the key) and one,
+with no credentials, for upload targets and result URLs on WaveSpeed's CDN.
+
+Submits (training, generation) are sent exactly once: a timeout after sending raises
+``ProviderTimeout`` and the engine decides. Status GETs and file downloads are retried on
+transport errors with backoff (``sleep`` is an attribute, so tests run instantly).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Generic, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+import msgspec
+import structlog
+
+from plugins.hookspecs import hookimpl
+from providers.base import (
+    ASPECT_RATIOS, CallbackEvent, Capabilities, Cost, Dataset, GeneratedImage, GenerationSpec,
+    GenerationStatus, InferenceCapabilities, LoraHandle, Provider, ProviderAuthError, ProviderError,
+    ProviderRateLimited, ProviderRejected, ProviderSetup, ProviderTimeout, ProviderUnavailable,
+    TrainingCapabilities, TrainingSpec, TrainingStatus, TrainingSubmission,
+)
+from providers.safetensors import SafetensorsInvalid, read_header
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+_CHUNK = 256 * 1024
+_WEBHOOK_TOLERANCE_S = 300
+_MIN_SIDE, _MAX_SIDE = 256, 1536
+_FORMATS = {"png": "png", "jpg": "jpeg", "webp": "webp"}
+#: vendor status -> (gateway state, retryable when failed)
+_STATES: dict[str, tuple[Literal["queued", "running", "succeeded", "failed"], bool]] = {
+    "created": ("queued", False), "processing": ("running", False), "completed": ("succeeded", False),
+    "failed": ("failed", True), "timeout": ("failed", True), "cancelled": ("failed", False),
+    "deleted": ("failed", False),
+}
+
+
+class WaveSpeedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``providers.wavespeed`` in the config file."""
+
+    api_key: Annotated[str, msgspec.Meta(min_length=1)]
+    base_url: str = "https://api.wavespeed.ai"
+    trainer_model: str = "wavespeed-ai/flux-dev-lora-trainer"
+    inference_model: str = "wavespeed-ai/flux-dev-lora"
+    #: per network operation (connect, each read, each write), for API and file transfers
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: extra tries for status GETs and downloads after a transport error, with doubling backoff
+    poll_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
+    poll_backoff_s: NonNegative = 0.5
+    learning_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.0004
+    #: the vendor's default rank (the gateway always sends the LoRA's own ``loraRank``)
+    default_rank: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
+    #: the account's webhook secret (``whsec_...``); with ``server.public_base_url`` it turns callbacks on
+    webhook_secret: str | None = None
+    #: ``upload``: push the zip through WaveSpeed's media API; ``gateway_url``: hand over a signed gateway URL
+    dataset_delivery: Literal["upload", "gateway_url"] = "upload"
+    cost_per_training: NonNegative = 1.0
+    cost_per_image: NonNegative = 0.015
+    max_steps: Annotated[int, msgspec.Meta(ge=500, le=4000)] = 4000
+
+    def __repr__(self) -> str:  # never print the key or the secret
+        return f"WaveSpeedConfig(base_url={self.base_url!r}, dataset_delivery={self.dataset_delivery!r}, api_key='***')"
+
+
+# --------------------------------------------------------------------------- wire Structs (private)
+
+
+class _TrainBody(msgspec.Struct, frozen=True, kw_only=True):
+    data: str
+    trigger_word: str
+    steps: int
+    lora_rank: int
+    learning_rate: float
+
+
+class _LoraRef(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    scale: float
+
+
+class _GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
+    prompt: str
+    loras: list[_LoraRef]
+    size: str
+    num_images: int
+    seed: int
+    guidance_scale: float
+    num_inference_steps: int
+    output_format: str
+
+
+class _Prediction(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    model: str | None = None
+    status: str = "created"
+    outputs: list[str] | None = None
+    error: str | None = None
+
+
+class _Envelope(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+    code: int | None = None
+    message: str | None = None
+    data: T | None = None
+
+
+class _UploadTarget(msgspec.Struct, frozen=True, kw_only=True):
+    method: str = "PUT"
+    url: str
+    headers: dict[str, str] = {}
+
+
+class _UploadTicket(msgspec.Struct, frozen=True, kw_only=True):
+    upload: _UploadTarget
+    download_url: str
+
+
+class _UploadedFile(msgspec.Struct, frozen=True, kw_only=True):
+    download_url: str
+
+
+def _clip(text: str | None, n: int = 200) -> str:
+    return re.sub(r"[\x00-\x1f]+", " ", text or "").strip()[:n]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_safetensors(url: str, dest: Path) -> bool:
+    return dest.name.endswith(".safetensors") or urlsplit(url).path.endswith(".safetensors")
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(path, "rb") as f:
+        while chunk := await f.read(_CHUNK):
+            yield chunk
+
+
+class WaveSpeedAdapter(Provider):
+    """Trains FLUX LoRAs on WaveSpeed and generates with them (or with any portable LoRA)."""
+
+    name = "wavespeed"
+    config_type = WaveSpeedConfig
+
+    def __init__(self, config: WaveSpeedConfig, setup: ProviderSetup) -> None:
+        super().__init__(config, setup)
+        self.config: WaveSpeedConfig = config
+        self.clock: Callable[[], float] = time.time
+        self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+        self._callbacks = bool(config.webhook_secret and setup.public_base_url)
+        self._ticket_upload = True  # switched off once the ticket endpoint answers 404/405
+        timeout = httpx.Timeout(config.timeout_s)
+        self._api = setup.http_client(
+            base_url=config.base_url.rstrip("/"), timeout=timeout,
+            headers={"Authorization": f"Bearer {config.api_key}"},
+        )
+        self._files = setup.http_client(timeout=timeout, follow_redirects=True)  # no credentials
+        self.capabilities = Capabilities(
+            training=TrainingCapabilities(min_steps=500, max_steps=config.max_steps, min_rank=1, max_rank=64,
+                                          dataset_input="zip_url", produces_artifact=True),
+            inference=InferenceCapabilities(accepts_lora_file=True, max_outputs=4, aspect_ratios=ASPECT_RATIOS,
+                                            output_formats=frozenset(_FORMATS)),
+            cost=Cost(per_training=config.cost_per_training, per_image=config.cost_per_image),
+            webhooks_in=self._callbacks, can_lookup=False, can_cancel=True,
+        )
+
+    # ------------------------------------------------------------------ pure conversions
+
+    @staticmethod
+    def training_to_wire(spec: TrainingSpec, zip_url: str, config: WaveSpeedConfig) -> _TrainBody:
+        if not 500 <= spec.steps <= config.max_steps or not 1 <= spec.lora_rank <= 64:
+            raise ProviderRejected(f"wavespeed: steps {spec.steps} / rank {spec.lora_rank} outside 500..{config.max_steps} / 1..64")
+        return _TrainBody(data=zip_url, trigger_word=spec.trigger_word, steps=spec.steps,
+                          lora_rank=spec.lora_rank, learning_rate=config.learning_rate)
+
+    @staticmethod
+    def generation_to_wire(spec: GenerationSpec, lora_path: str) -> _GenerateBody:
+        w, h = spec.width, spec.height
+        if any(v % 16 or not _MIN_SIDE <= v <= _MAX_SIDE for v in (w, h)):
+            raise ProviderRejected(f"wavespeed: size {w}x{h} is not multiples of 16 within {_MIN_SIDE}..{_MAX_SIDE}")
+        if spec.output_format not in _FORMATS:
+            raise ProviderRejected(f"wavespeed: output format {spec.output_format!r} not supported")
+        return _GenerateBody(
+            prompt=spec.prompt, loras=[_LoraRef(path=lora_path, scale=spec.lora_strength)], size=f"{w}*{h}",
+            num_images=spec.num_outputs, seed=-1 if spec.seed is None else spec.seed,
+            guidance_scale=spec.guidance_scale, num_inference_steps=spec.num_inference_steps,
+            output_format=_FORMATS[spec.output_format],
+        )
+
+    @staticmethod
+    def training_from_wire(p: _Prediction) -> TrainingStatus:
+        state, retryable = _STATES.get(p.status, ("running", False))
+        if state == "succeeded":
+            if not p.outputs:
+                return TrainingStatus(state="failed", error="wavespeed: training completed without weights", retryable=True)
+            return TrainingStatus(state="succeeded", progress=1.0, artifact_url=p.outputs[0])
+        if state == "failed":
+            return TrainingStatus(state="failed", error=f"wavespeed: training {p.status}: {_clip(p.error) or 'no reason given'}",
+                                  retryable=retryable)
+        return TrainingStatus(state=state, progress=0.0 if state == "queued" else None)
+
+    @staticmethod
+    def generation_from_wire(p: _Prediction) -> GenerationStatus:
+        state, retryable = _STATES.get(p.status, ("running", False))
+        if state == "succeeded":
+            if not p.outputs:
+                return GenerationStatus(state="failed", ref=p.id, error="wavespeed: no images returned", retryable=True)
+            return GenerationStatus(state="succeeded", ref=p.id, progress=1.0,
+                                    images=[GeneratedImage(url=u) for u in p.outputs])
+        if state == "failed":
+            return GenerationStatus(state="failed", ref=p.id, retryable=retryable,
+                                    error=f"wavespeed: generation {p.status}: {_clip(p.error) or 'no reason given'}")
+        return GenerationStatus(state=state, ref=p.id)
+
+    # ------------------------------------------------------------------ HTTP plumbing
+
+    def _error(self, resp: httpx.Response, what: str) -> ProviderError:
+        """Map a non-2xx answer (or an error envelope) onto the ProviderError tree."""
+        status = resp.status_code
+        try:
+            env = msgspec.json.decode(resp.content, type=_Envelope[Any])
+            detail = env.message or (env.data.get("error") if isinstance(env.data, dict) else None)
+            if status < 400 and env.code:
+                status = env.code
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            detail = None
+        if status in (401, 403):
+            log.error("provider_config_error", provider=self.name, call=what, status_code=status,
+                      hint="check providers.wavespeed.api_key and the account balance")
+            return ProviderAuthError(f"wavespeed: {what}: HTTP {status} (API key refused)")
+        log.warning("provider_http_error", provider=self.name, call=what, status_code=status, detail=_clip(detail))
+        message = f"wavespeed: {what}: HTTP {status}"
+        if status == 429:
+            return ProviderRateLimited(message, retry_after=_retry_after(resp.headers.get("retry-after")))
+        if status >= 500:
+            return ProviderUnavailable(message)
+        if status == 402:
+            return ProviderError(message + " (insufficient balance)", retryable=True)
+        return ProviderRejected(message)
+
+    def _decode(self, resp: httpx.Response, typ: type[T], what: str) -> T:
+        if resp.status_code // 100 != 2:
+            raise self._error(resp, what)
+        try:
+            env = msgspec.json.decode(resp.content, type=_Envelope[typ])  # type: ignore[valid-type]
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ProviderUnavailable(f"wavespeed: {what}: unreadable answer ({e})") from None
+        if env.code is not None and env.code >= 400:
+            raise self._error(resp, what)
+        if env.data is None:
+            raise ProviderUnavailable(f"wavespeed: {what}: answer has no data")
+        return env.data
+
+    async def _submit(self, path: str, body: Any, what: str, **kw: Any) -> httpx.Response:
+        """One POST, never repeated: after it may have been sent, failures raise ProviderTimeout."""
+        try:
+            return await self._api.post(path, content=msgspec.json.encode(body),
+                                        headers={"Content-Type": "application/json"}, **kw)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+            raise ProviderUnavailable(f"wavespeed: {what}: could not connect ({type(e).__name__})") from None
+        except httpx.TransportError as e:
+            raise ProviderTimeout(f"wavespeed: {what}: no answer ({type(e).__name__}); it may have been received") from None
+
+    async def _get(self, path: str, what: str) -> httpx.Response:
+        """A GET retried on transport errors (``poll_retries`` times, doubling backoff)."""
+        for attempt in range(self.config.poll_retries + 1):
+            try:
+                return await self._api.get(path)
+            except httpx.TransportError as e:
+                if attempt == self.config.poll_retries:
+                    cls = ProviderTimeout if isinstance(e, httpx.TimeoutException) else ProviderUnavailable
+                    raise cls(f"wavespeed: {what}: {type(e).__name__} after {attempt + 1} tries") from None
+                await self.sleep(self.config.poll_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _prediction(self, ref: str, what: str) -> _Prediction:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", ref):
+            raise ProviderRejected(f"wavespeed: bad prediction id {ref!r}")
+        return self._decode(await self._get(f"/api/v3/predictions/{ref}/result", what), _Prediction, what)
+
+    def _webhook_params(self) -> dict[str, str]:
+        if not self._callbacks:
+            return {}
+        return {"webhook": f"{str(self.setup.public_base_url).rstrip('/')}/hooks/{self.name}"}
+
+    # ------------------------------------------------------------------ datasets
+
+    async def _zip_url(self, dataset: Dataset) -> str:
+        if self.config.dataset_delivery == "gateway_url":
+            if not dataset.zip_url:
+                raise ProviderRejected("wavespeed: dataset_delivery is 'gateway_url' but the gateway has no public URL; "
+                                       "set server.public_base_url or use dataset_delivery: upload")
+            return dataset.zip_url
+        return await self.upload(Path(dataset.zip_path))
+
+    async def upload(self, path: Path) -> str:
+        """Upload a file through the media API (ticket + PUT, else the binary endpoint); its URL."""
+        size = (await anyio.Path(path).stat()).st_size
+        if self._ticket_upload:
+            meta = {"filename": path.name, "size": size, "content_type": "application/zip"}
+            resp = await self._submit("/api/v3/media/uploads", meta, "upload ticket")
+            if resp.status_code not in (404, 405):
+                ticket = self._decode(resp, _UploadTicket, "upload ticket")
+                await self._put(ticket.upload, path, size)
+                return ticket.download_url
+            log.info("wavespeed_upload_fallback", provider=self.name, status_code=resp.status_code)
+            self._ticket_upload = False
+        boundary = secrets.token_hex(16)
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+                "Content-Type: application/zip\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield head
+            async for chunk in _file_chunks(path):
+                yield chunk
+            yield tail
+
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(len(head) + size + len(tail))}
+        try:
+            resp = await self._api.post("/api/v3/media/upload/binary", content=body(), headers=headers)
+        except httpx.TransportError as e:
+            raise ProviderUnavailable(f"wavespeed: upload: {type(e).__name__}") from None
+        return self._decode(resp, _UploadedFile, "upload").download_url
+
+    async def _put(self, target: _UploadTarget, path: Path, size: int) -> None:
+        headers = {**target.headers, "Content-Length": str(size)}
+        try:
+            resp = await self._files.request(target.method, target.url, content=_file_chunks(path), headers=headers)
+        except httpx.TransportError as e:
+            raise ProviderUnavailable(f"wavespeed: upload PUT: {type(e).__name__}") from None
+        if resp.status_code // 100 != 2:
+            raise ProviderError(f"wavespeed: upload PUT refused (HTTP {resp.status_code})", retryable=True)
+
+    # ------------------------------------------------------------------ training
+
+    async def start_training(self, spec: TrainingSpec, dataset: Dataset) -> TrainingSubmission:
+        zip_url = await self._zip_url(dataset)
+        body = self.training_to_wire(spec, zip_url, self.config)
+        resp = await self._submit(f"/api/v3/{self.config.trainer_model}", body, "submit training",
+                                  params=self._webhook_params())
+        return TrainingSubmission(ref=self._decode(resp, _Prediction, "submit training").id)
+
+    async def training_status(self, ref: str) -> TrainingStatus:
+        return self.training_from_wire(await self._prediction(ref, "training status"))
+
+    async def cancel_training(self, ref: str) -> None:
+        """Best effort: a training that already ended (400/404) is left as it is."""
+        resp = await self._submit(f"/api/v3/predictions/{ref}/cancel", {}, "cancel")
+        if resp.status_code // 100 != 2 and resp.status_code not in (400, 404):
+            raise self._error(resp, "cancel")
+
+    # ------------------------------------------------------------------ inference
+
+    async def _lora_path(self, lora: LoraHandle) -> str:
+        if lora.artifact_url:
+            return lora.artifact_url
+        if lora.trained_by == self.name and lora.trained_ref:
+            status = await self.training_status(lora.trained_ref)
+            if status.state == "succeeded" and status.artifact_url:
+                return status.artifact_url
+        raise ProviderRejected("wavespeed: no public URL for the LoRA weights (set server.public_base_url)", retryable=True)
+
+    async def generate(self, spec: GenerationSpec, lora: LoraHandle) -> GenerationStatus:
+        body = self.generation_to_wire(spec, await self._lora_path(lora))
+        resp = await self._submit(f"/api/v3/{self.config.inference_model}", body, "submit generation",
+                                  params=self._webhook_params())
+        return self.generation_from_wire(self._decode(resp, _Prediction, "submit generation"))
+
+    async def generation_status(self, ref: str) -> GenerationStatus:
+        return self.generation_from_wire(await self._prediction(ref, "generation status"))
+
+    # ------------------------------------------------------------------ files
+
+    async def fetch_file(self, url: str, dest: Path, *, max_bytes: int) -> None:
+        """Stream a result URL to ``dest`` (no credentials sent), capped at ``max_bytes``; a
+        ``.safetensors`` file must parse as one. Transport errors and 5xx are retried."""
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ProviderRejected(f"wavespeed: cannot fetch a {urlsplit(url).scheme!r} URL")
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.part")
+        try:
+            for attempt in range(self.config.poll_retries + 1):
+                try:
+                    await self._download(url, tmp, max_bytes)
+                    break
+                except (httpx.TransportError, ProviderUnavailable) as e:
+                    if attempt == self.config.poll_retries:
+                        if isinstance(e, ProviderError):
+                            raise
+                        cls = ProviderTimeout if isinstance(e, httpx.TimeoutException) else ProviderUnavailable
+                        raise cls(f"wavespeed: download failed: {type(e).__name__}") from None
+                    await self.sleep(self.config.poll_backoff_s * 2**attempt)
+            if _is_safetensors(url, dest):
+                try:
+                    await anyio.to_thread.run_sync(read_header, tmp)
+                except SafetensorsInvalid as e:
+                    raise ProviderError(f"wavespeed: downloaded weights are not whole: {e}", retryable=True) from None
+            await anyio.to_thread.run_sync(os.replace, tmp, dest)
+        finally:
+            await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+
+    async def _download(self, url: str, tmp: Path, max_bytes: int) -> None:
+        async with self._files.stream("GET", url) as resp:
+            if resp.status_code >= 500:
+                raise ProviderUnavailable(f"wavespeed: download: HTTP {resp.status_code}")
+            if resp.status_code != 200:
+                raise ProviderError(f"wavespeed: download refused (HTTP {resp.status_code}; expired URL?)",
+                                    retryable=resp.status_code in (408, 429))
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise ProviderError(f"wavespeed: file is {declared} bytes, limit {max_bytes}", retryable=True)
+            total = 0
+            async with await anyio.open_file(tmp, "wb") as f:
+                async for chunk in resp.aiter_bytes(_CHUNK):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise ProviderError(f"wavespeed: file passed the {max_bytes}-byte limit", retryable=True)
+                    await f.write(chunk)
+
+    # ------------------------------------------------------------------ callbacks
+
+    async def verify_callback(self, headers: dict[str, str], body: bytes) -> CallbackEvent:
+        """Check a ``webhook-signature: v3,<hex>`` callback (HMAC-SHA256 of ``id.timestamp.body``,
+        key = the secret without ``whsec_``, not base64-decoded; 300 s window)."""
+        secret = self.config.webhook_secret
+        wid, ts, sigs = (headers.get(k, "") for k in ("webhook-id", "webhook-timestamp", "webhook-signature"))
+        if not secret or not wid or not ts.isdigit() or not sigs:
+            raise ProviderAuthError("wavespeed: callback is unsigned or callbacks are not configured")
+        if abs(self.clock() - int(ts)) > _WEBHOOK_TOLERANCE_S:
+            raise ProviderAuthError("wavespeed: callback timestamp outside the 300 s window")
+        key = secret.removeprefix("whsec_").encode()
+        expected = hmac.new(key, f"{wid}.{ts}.".encode() + body, hashlib.sha256).hexdigest()
+        given = [s.split(",", 1)[1] for s in sigs.split() if s.startswith("v3,")]
+        if not any(hmac.compare_digest(expected, g) for g in given):
+            raise ProviderAuthError("wavespeed: callback signature does not match")
+        try:
+            payload = msgspec.json.decode(body, type=_Prediction)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise ProviderAuthError("wavespeed: callback body is not a prediction") from None
+        kind = "generation" if payload.model == self.config.inference_model else "training"
+        return CallbackEvent(ref=payload.id, kind=kind)
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+        await self._files.aclose()
+
+
+@hookimpl
+def register_providers(register: Callable[[type], None]) -> None:
+    """Register the WaveSpeed provider (``providers.wavespeed``)."""
+    register(WaveSpeedAdapter)
