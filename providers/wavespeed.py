@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import itertools
 import os
 import re
 import secrets
@@ -128,12 +129,8 @@ class _UploadTarget(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, str] = {}
 
 
-class _UploadTicket(msgspec.Struct, frozen=True, kw_only=True):
-    upload: _UploadTarget
-    download_url: str
-
-
-class _UploadedFile(msgspec.Struct, frozen=True, kw_only=True):
+class _Upload(msgspec.Struct, frozen=True, kw_only=True):
+    upload: _UploadTarget | None = None  # the ticket flow's PUT target (absent from the binary answer)
     download_url: str
 
 
@@ -143,20 +140,14 @@ def _clip(text: str | None, n: int = 200) -> str:
 
 def _retry_after(value: str | None) -> float | None:
     """``Retry-After`` as seconds (delta-seconds or an HTTP date); None if absent or unreadable."""
-    if not value:
-        return None
     try:
-        return max(0.0, float(value))
+        return max(0.0, float(value or ""))
     except ValueError:
         pass
     try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        return max(0.0, email.utils.parsedate_to_datetime(value or "").timestamp() - time.time())
     except (TypeError, ValueError):
         return None
-
-
-def _is_safetensors(url: str, dest: Path) -> bool:
-    return dest.name.endswith(".safetensors") or urlsplit(url).path.endswith(".safetensors")
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
@@ -248,7 +239,7 @@ class WaveSpeedAdapter(Provider):
         status = resp.status_code
         try:
             env = msgspec.json.decode(resp.content, type=_Envelope[Any])
-            detail = env.message or (env.data.get("error") if isinstance(env.data, dict) else None)
+            detail = str(env.message or (env.data.get("error") if isinstance(env.data, dict) else None) or "")
             if status < 400 and env.code:
                 status = env.code
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -290,22 +281,30 @@ class WaveSpeedAdapter(Provider):
         except httpx.TransportError as e:
             raise ProviderTimeout(f"wavespeed: {what}: no answer ({type(e).__name__}); it may have been received") from None
 
-    async def _get(self, path: str, what: str) -> httpx.Response:
-        """A GET retried on transport errors (``poll_retries`` times, doubling backoff)."""
-        for attempt in range(self.config.poll_retries + 1):
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run an idempotent call, retrying transport errors and ProviderUnavailable
+        ``poll_retries`` times with doubling backoff."""
+        for attempt in itertools.count():
             try:
-                return await self._api.get(path)
-            except httpx.TransportError as e:
-                if attempt == self.config.poll_retries:
+                return await call()
+            except (httpx.TransportError, ProviderUnavailable) as e:
+                if attempt >= self.config.poll_retries:
+                    if isinstance(e, ProviderError):
+                        raise
                     cls = ProviderTimeout if isinstance(e, httpx.TimeoutException) else ProviderUnavailable
                     raise cls(f"wavespeed: {what}: {type(e).__name__} after {attempt + 1} tries") from None
                 await self.sleep(self.config.poll_backoff_s * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def _prediction(self, ref: str, what: str) -> _Prediction:
+    @staticmethod
+    def _path(ref: str, action: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", ref):
-            raise ProviderRejected(f"wavespeed: bad prediction id {ref!r}")
-        return self._decode(await self._get(f"/api/v3/predictions/{ref}/result", what), _Prediction, what)
+            raise ProviderRejected(f"wavespeed: bad prediction id {ref[:40]!r}")
+        return f"/api/v3/predictions/{ref}/{action}"
+
+    async def _prediction(self, ref: str, what: str) -> _Prediction:
+        path = self._path(ref, "result")
+        return self._decode(await self._retrying(lambda: self._api.get(path), what), _Prediction, what)
 
     def _webhook_params(self) -> dict[str, str]:
         if not self._callbacks:
@@ -329,7 +328,9 @@ class WaveSpeedAdapter(Provider):
             meta = {"filename": path.name, "size": size, "content_type": "application/zip"}
             resp = await self._submit("/api/v3/media/uploads", meta, "upload ticket")
             if resp.status_code not in (404, 405):
-                ticket = self._decode(resp, _UploadTicket, "upload ticket")
+                ticket = self._decode(resp, _Upload, "upload ticket")
+                if ticket.upload is None:
+                    raise ProviderUnavailable("wavespeed: upload ticket has no upload target")
                 await self._put(ticket.upload, path, size)
                 return ticket.download_url
             log.info("wavespeed_upload_fallback", provider=self.name, status_code=resp.status_code)
@@ -350,7 +351,7 @@ class WaveSpeedAdapter(Provider):
             resp = await self._api.post("/api/v3/media/upload/binary", content=body(), headers=headers)
         except httpx.TransportError as e:
             raise ProviderUnavailable(f"wavespeed: upload: {type(e).__name__}") from None
-        return self._decode(resp, _UploadedFile, "upload").download_url
+        return self._decode(resp, _Upload, "upload").download_url
 
     async def _put(self, target: _UploadTarget, path: Path, size: int) -> None:
         headers = {**target.headers, "Content-Length": str(size)}
@@ -375,7 +376,7 @@ class WaveSpeedAdapter(Provider):
 
     async def cancel_training(self, ref: str) -> None:
         """Best effort: a training that already ended (400/404) is left as it is."""
-        resp = await self._submit(f"/api/v3/predictions/{ref}/cancel", {}, "cancel")
+        resp = await self._submit(self._path(ref, "cancel"), {}, "cancel")
         if resp.status_code // 100 != 2 and resp.status_code not in (400, 404):
             raise self._error(resp, "cancel")
 
@@ -409,18 +410,8 @@ class WaveSpeedAdapter(Provider):
         dest = Path(dest)
         tmp = dest.with_name(f".{dest.name}.part")
         try:
-            for attempt in range(self.config.poll_retries + 1):
-                try:
-                    await self._download(url, tmp, max_bytes)
-                    break
-                except (httpx.TransportError, ProviderUnavailable) as e:
-                    if attempt == self.config.poll_retries:
-                        if isinstance(e, ProviderError):
-                            raise
-                        cls = ProviderTimeout if isinstance(e, httpx.TimeoutException) else ProviderUnavailable
-                        raise cls(f"wavespeed: download failed: {type(e).__name__}") from None
-                    await self.sleep(self.config.poll_backoff_s * 2**attempt)
-            if _is_safetensors(url, dest):
+            await self._retrying(lambda: self._download(url, tmp, max_bytes), "download")
+            if dest.name.endswith(".safetensors") or urlsplit(url).path.endswith(".safetensors"):
                 try:
                     await anyio.to_thread.run_sync(read_header, tmp)
                 except SafetensorsInvalid as e:
@@ -454,13 +445,13 @@ class WaveSpeedAdapter(Provider):
         key = the secret without ``whsec_``, not base64-decoded; 300 s window)."""
         secret = self.config.webhook_secret
         wid, ts, sigs = (headers.get(k, "") for k in ("webhook-id", "webhook-timestamp", "webhook-signature"))
-        if not secret or not wid or not ts.isdigit() or not sigs:
+        if not secret or not wid or not (ts.isascii() and ts.isdigit()) or not sigs:
             raise ProviderAuthError("wavespeed: callback is unsigned or callbacks are not configured")
         if abs(self.clock() - int(ts)) > _WEBHOOK_TOLERANCE_S:
             raise ProviderAuthError("wavespeed: callback timestamp outside the 300 s window")
         key = secret.removeprefix("whsec_").encode()
-        expected = hmac.new(key, f"{wid}.{ts}.".encode() + body, hashlib.sha256).hexdigest()
-        given = [s.split(",", 1)[1] for s in sigs.split() if s.startswith("v3,")]
+        expected = hmac.new(key, f"{wid}.{ts}.".encode() + body, hashlib.sha256).hexdigest().encode()
+        given = [s[3:].encode("utf-8", "replace") for s in sigs.split() if s.startswith("v3,")]
         if not any(hmac.compare_digest(expected, g) for g in given):
             raise ProviderAuthError("wavespeed: callback signature does not match")
         try:

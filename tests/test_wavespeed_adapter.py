@@ -528,7 +528,8 @@ async def test_callback_whsec_prefix_is_stripped_not_base64_decoded(make: Callab
     assert (await bare.verify_callback(signed("whsec_c2VjcmV0", BODY), BODY)).ref == "pred123"
 
 
-@pytest.mark.parametrize("case", ["wrong_secret", "stale", "future", "tampered", "missing", "bad_scheme", "not_json", "no_secret"])
+@pytest.mark.parametrize("case", ["wrong_secret", "stale", "future", "tampered", "missing", "bad_scheme", "not_json",
+                                  "no_secret", "non_ascii_signature", "unicode_digits"])
 async def test_callback_rejected(make: Callable[..., WaveSpeedAdapter], case: str) -> None:
     adapter = make(webhook_secret=None if case == "no_secret" else "whsec_c2VjcmV0", public_base_url=PUBLIC)
     adapter.clock = lambda: 1_700_000_000.0
@@ -545,6 +546,10 @@ async def test_callback_rejected(make: Callable[..., WaveSpeedAdapter], case: st
         headers.pop("webhook-id")
     elif case == "bad_scheme":
         headers["webhook-signature"] = headers["webhook-signature"].replace("v3,", "v1,")
+    elif case == "non_ascii_signature":
+        headers["webhook-signature"] = "v3,\u00e9\u00e9"
+    elif case == "unicode_digits":
+        headers["webhook-timestamp"] = "\u00b2"
     elif case == "not_json":
         body, headers = b"[1, 2", signed("whsec_c2VjcmV0", b"[1, 2", ts=1_700_000_000)
     with pytest.raises(ProviderAuthError):

@@ -1,0 +1,139 @@
+"""The training subprocess: ``python -m providers.local.worker JOB_DIR [--device D] [--parent-pid N]``.
+
+It reads ``JOB_DIR/train.json`` (model dir, dataset dir, :class:`TrainConfig`), trains with
+:func:`providers.local.trainer.train`, and talks back to the provider only through files:
+
+* ``progress.json`` -- ``{"phase", "step", "total", "loss", "pid", "updated_at"}``, rewritten atomically;
+* ``result.json`` -- ``{"state": "succeeded", "weights", "steps", ...}`` or
+  ``{"state": "failed", "error", "retryable"}``;
+* ``output/pytorch_lora_weights.safetensors`` and ``checkpoints/checkpoint-NNNNNNN/``.
+
+Exit status: 0 done, 1 failed (see ``result.json``), 75 interrupted after a checkpoint (SIGTERM,
+SIGINT, or the gateway process going away), 2 bad invocation. The process asks Linux to send it
+SIGTERM when its parent dies, and also watches the parent's pid, so a gateway that crashes
+does not leave a training running unsupervised: it checkpoints and stops, and the restarted
+provider resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from providers.local.config import OFFLINE_ENV
+
+for _k, _v in OFFLINE_ENV.items():
+    os.environ[_k] = _v
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 75
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """SIGTERM on parent death (Linux prctl), checked once here against a race at start."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m providers.local.worker")
+    ap.add_argument("job_dir", type=Path)
+    ap.add_argument("--device", default=None, help="overrides the device in train.json")
+    ap.add_argument("--parent-pid", type=int, default=None)
+    args = ap.parse_args(argv)
+    job_dir: Path = args.job_dir
+    try:
+        spec = json.loads((job_dir / "train.json").read_text())
+    except (OSError, ValueError) as e:
+        print(f"cannot read {job_dir / 'train.json'}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        print(f"signal {signum}: stopping at the next step", file=sys.stderr, flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _die_with_parent(args.parent_pid)
+
+    def should_stop() -> bool:
+        if args.parent_pid is not None and os.getppid() != args.parent_pid:
+            stop.set()
+        return stop.is_set()
+
+    progress_path = job_dir / "progress.json"
+    last = {"t": 0.0}
+
+    def progress(phase: str, step: int, total: int, loss: float | None) -> None:
+        now = time.time()
+        if phase == "training" and 0 < step < total and now - last["t"] < 0.5:
+            return  # at most two writes a second
+        last["t"] = now
+        write_json(progress_path, {"phase": phase, "step": step, "total": total, "loss": loss,
+                                   "pid": os.getpid(), "updated_at": now})
+
+    def log(msg: str) -> None:
+        print(time.strftime("%Y-%m-%dT%H:%M:%S"), msg, flush=True)
+
+    # heavy imports only now (torch, diffusers), after the signal handlers are in place
+    import msgspec
+
+    from providers.local.config import TrainConfig
+    from providers.local import trainer
+
+    result_path = job_dir / "result.json"
+    try:
+        cfg = msgspec.convert(spec["config"], type=TrainConfig)
+        if args.device:
+            cfg = msgspec.structs.replace(cfg, device=args.device)
+        result = trainer.train(Path(spec["model_dir"]), Path(spec["dataset_dir"]), cfg, job_dir / "output",
+                               progress=progress, should_stop=should_stop, log=log)
+    except trainer.TrainingInterrupted as e:
+        log(f"interrupted at step {e.step}; the checkpoint is on disk")
+        return EXIT_INTERRUPTED
+    except trainer.DatasetError as e:
+        write_json(result_path, {"state": "failed", "error": f"dataset rejected: {e}", "retryable": False})
+        return EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - any failure is reported, the traceback goes to the log
+        traceback.print_exc()
+        name = type(e).__name__
+        if "OutOfMemory" in name or "out of memory" in str(e).lower():
+            error = "out of device memory while training"
+        else:
+            error = f"training failed ({name}: {str(e)[:200]})"
+        write_json(result_path, {"state": "failed", "error": error, "retryable": True})
+        return EXIT_FAILED
+    if stop.is_set() and not result.weights.is_file():  # pragma: no cover - defensive
+        return EXIT_INTERRUPTED
+    write_json(result_path, {"state": "succeeded", "weights": str(result.weights.relative_to(job_dir)),
+                             "steps": result.steps, "resumed_from": result.resumed_from, "loss": result.loss,
+                             "seconds": round(result.seconds, 3)})
+    progress("done", result.steps, result.steps, result.loss)
+    log(f"done: {result.steps} steps in {result.seconds:.1f}s (resumed from {result.resumed_from})")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
