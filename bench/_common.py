@@ -250,12 +250,14 @@ def temp_dir(prefix: str) -> Iterator[Path]:
 
 
 def handle_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C, so ``with`` blocks stop children and remove temp dirs."""
+    """Make SIGTERM (and SIGINT, even if inherited as ignored, e.g. as a background job of a
+    script) unwind like Ctrl-C, so ``with`` blocks stop children and remove temp dirs."""
 
     def raise_interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --------------------------------------------------------------------------- memory

@@ -14,7 +14,8 @@ httpx and an explicit Content-Length, to two servers, each in its own process un
 
 Requests alternate gateway/baseline (the order flips every repeat) after ``--warmup``
 unmeasured requests to each. Prints the median time-to-response of each, the ratio
-gateway/baseline (goal <= 1.5) and the gateway's peak RSS growth during the measured
+gateway/baseline (goal <= 1.5), the server CPU time (user+sys) per upload of each (less
+sensitive to a busy machine than wall time) and the gateway's peak RSS growth during the measured
 uploads over its RSS just before them (goal <= 64 MiB), sampled every 5 ms with psutil.
 
 With ``run_workers: false`` the gateway's engine does not run, so no dataset preparation
@@ -191,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
                 gw_rss = RssSampler(gw.pid)
                 base_rss = RssSampler(baseline.pid)
+                cpu0 = {name: server.cpu_seconds() for name, (server, _, _) in targets.items()}
                 with gw_rss, base_rss:
                     for i in range(args.repeats):
                         order = ["gateway", "baseline"] if i % 2 == 0 else ["baseline", "gateway"]
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
                             elapsed = one(name)
                             if elapsed is not None:
                                 times[name].append(elapsed)
+            cpu = {name: server.cpu_seconds() - cpu0[name] for name, (server, _, _) in targets.items() if server.alive()}
             if not gw.alive():
                 failures.append(f"the gateway exited with code {gw.proc.returncode}")
             gw_log = gw.tail(20)
@@ -208,18 +211,21 @@ def run(args: argparse.Namespace) -> int:
             rows.append([
                 name, len(ts), f"{median(ts):.3f}" if ts else "-", f"{min(ts):.3f}" if ts else "-",
                 f"{max(ts):.3f}" if ts else "-", f"{body_size / MiB / median(ts):.0f}" if ts else "-",
+                f"{cpu[name] / args.repeats:.2f}" if name in cpu and args.repeats else "-",
                 mib(sampler.baseline), mib(sampler.peak), f"+{sampler.growth / MiB:.1f}",
             ])
         print()
         print(f"POST /v2/loras, {len(images)} images, {mib(total)} of images, {args.repeats} measured requests each "
               f"(+{args.warmup} warm-up), interleaved")
-        print(table(rows, ["server", "n", "median s", "min s", "max s", "MiB/s", "RSS before", "RSS peak", "growth MiB"]))
+        print(table(rows, ["server", "n", "median s", "min s", "max s", "MiB/s", "CPU s/req", "RSS before", "RSS peak", "growth MiB"]))
         print()
         ok = True
         if times["gateway"] and times["baseline"]:
             ratio = median(times["gateway"]) / median(times["baseline"])
             print(f"time ratio gateway/baseline (medians): {ratio:.2f}x   (goal <= {RATIO_GOAL}) -> {verdict(ratio <= RATIO_GOAL)}")
             ok &= ratio <= RATIO_GOAL
+        if cpu.get("gateway") and cpu.get("baseline"):
+            print(f"server CPU per upload (user+sys), gateway/baseline: {cpu['gateway'] / cpu['baseline']:.2f}x")
         growth = gw_rss.growth / MiB
         print(f"gateway peak RSS growth during the uploads: {growth:.1f} MiB over {mib(gw_rss.baseline)} "
               f"({gw_rss.samples} samples)   (goal <= {RSS_GOAL_MIB} MiB) -> {verdict(growth <= RSS_GOAL_MIB)}")

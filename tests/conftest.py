@@ -118,10 +118,10 @@ class Api:
         data = {k: str(v) for k, v in data.items() if v is not None}
         return await self.client.post("/v2/loras", headers=self.h(key), data=data, files=multipart_files(image_set(n)))
 
-    async def wait_lora(self, lora_id: str, *, key: str | None = None, timeout: float = 20) -> dict[str, Any]:
+    async def wait_lora(self, lora_id: str, *, key: str | None = None, timeout: float = 90) -> dict[str, Any]:
         return await self._wait(f"/v2/loras/{lora_id}", ("READY", "FAILED", "ARCHIVED"), key, timeout)
 
-    async def wait_job(self, job_id: str, *, key: str | None = None, timeout: float = 20) -> dict[str, Any]:
+    async def wait_job(self, job_id: str, *, key: str | None = None, timeout: float = 90) -> dict[str, Any]:
         return await self._wait(f"/v2/jobs/{job_id}", ("COMPLETED", "FAILED"), key, timeout)
 
     async def _wait(self, path: str, done: tuple[str, ...], key: str | None, timeout: float) -> dict[str, Any]:

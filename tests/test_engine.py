@@ -122,7 +122,7 @@ async def test_archived_lora_frees_a_cap_slot_and_cancels_training(make_api) -> 
         first = (await api.create_lora()).json()["id"]
         assert (await api.create_lora()).status_code == 429
         # wait until it is training at the provider
-        for _ in range(200):
+        for _ in range(1200):
             body = (await api.client.get(f"/v2/loras/{first}", headers=api.h())).json()
             if body["status"] == "TRAINING":
                 break

@@ -135,3 +135,47 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     return tiny_flux_dir_for(tmp_path_factory, guidance_embeds=True)
+
+
+# --------------------------------------------------------------------------- datasets, LoRAs
+
+TRIGGER = "K7XQZ"
+#: tiny run settings: 32 px images, short prompts, a high learning rate so a few steps show
+TINY_TRAIN = dict(resolution=32, rank=8, learning_rate=1e-2, max_sequence_length=T5_MAX_LENGTH,
+                  checkpoint_every=2, seed=0)
+
+
+def write_dataset(directory: Path, n: int = 3, word: str = TRIGGER) -> Path:
+    """``NNN.jpg`` + ``NNN.txt`` as the gateway's dataset preparation writes them."""
+    from tests.images import make_image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(1, n + 1):
+        (directory / f"{i:03d}.jpg").write_bytes(make_image(seed=i, size=(80, 64)))
+        (directory / f"{i:03d}.txt").write_text(f"a photo of {word}, a person smiling in the garden", "utf-8")
+    return directory
+
+
+def tiny_train_config(**overrides: Any) -> Any:
+    from providers.local.config import TrainConfig
+
+    return TrainConfig(**{"steps": 20, **TINY_TRAIN, **overrides})
+
+
+def trained_lora_for(factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """A LoRA trained in-process on the tiny model (30 steps), once per session."""
+    key = f"lora:{model_dir}"
+    if key not in _BUILT:
+        from providers.local import trainer
+
+        root = factory.mktemp("tiny-lora")
+        data = write_dataset(root / "dataset")
+        result = trainer.train(model_dir, data, tiny_train_config(steps=30), root / "out")
+        _BUILT[key] = result.weights
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path) -> Path:
+    """``pytorch_lora_weights.safetensors`` trained on ``tiny_flux``."""
+    return trained_lora_for(tmp_path_factory, tiny_flux)

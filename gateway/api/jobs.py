@@ -7,6 +7,7 @@ from litestar import Controller, Request, Response, get, post
 from gateway.api.auth import caller, gateway
 from gateway.api.params import parse_query
 from gateway.api.views import job_view
+from gateway.services import idempotency
 from gateway.services import jobs as job_service
 from gateway.store import work
 
@@ -21,9 +22,11 @@ class GenerateController(Controller):
     async def generate(self, request: Request) -> Response:
         gw = gateway(request)
         principal = await caller(request)
+        key = idempotency.key_from(request.headers)
         req = job_service.decode_generate(await request.body())
-        job = await job_service.create(gw, principal, req)
-        return Response({"jobId": job.id, "status": job.status}, status_code=202)
+        job, replayed = await job_service.create(gw, principal, req, idempotency_key=key)
+        headers = {"idempotent-replayed": "true"} if replayed else {}
+        return Response({"jobId": job.id, "status": job.status}, status_code=202, headers=headers)
 
 
 class JobController(Controller):

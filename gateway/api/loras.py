@@ -9,6 +9,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from gateway.api.auth import caller, gateway
 from gateway.api.params import parse_query
 from gateway.api.views import lora_view
+from gateway.services import idempotency
 from gateway.services import loras as lora_service
 from gateway.uploads import receive_upload
 
@@ -21,17 +22,20 @@ class LoraController(Controller):
     async def create(self, request: Request) -> Response:
         gw = gateway(request)
         principal = await caller(request)
-        await lora_service.precheck_create(gw, principal)
+        key = idempotency.key_from(request.headers)
+        if not await lora_service.has_idempotent_record(gw, principal, key):
+            await lora_service.precheck_create(gw, principal)  # fail fast, before reading 100 MB
         tmp_root = gw.settings.uploads.tmp_dir
         upload = await receive_upload(
             request.stream(), request.headers.get("content-type"), gw.upload_limits,
             tmp_root=None if tmp_root is None else Path(tmp_root),
         )
         try:
-            lora = await lora_service.create(gw, principal, upload)
+            lora, replayed = await lora_service.create(gw, principal, upload, idempotency_key=key)
         finally:
             upload.cleanup()
-        return Response({"id": lora.id, "status": lora.status, "imageCount": lora.image_count}, status_code=202)
+        headers = {"idempotent-replayed": "true"} if replayed else {}
+        return Response({"id": lora.id, "status": lora.status, "imageCount": lora.image_count}, status_code=202, headers=headers)
 
     @get("/", summary="List LoRAs, newest first")
     async def list_loras(self, request: Request) -> Response:

@@ -11,6 +11,7 @@ import structlog
 
 from gateway.context import Gateway
 from gateway.engine.jobs import CREDITS_PER_IMAGE
+from gateway.services import idempotency
 from gateway.services.loras import check_webhook_url
 from gateway.errors import InsufficientCredits, NotFound, ValidationFailed
 from gateway.store import teams as teams_store
@@ -72,9 +73,21 @@ def decode_generate(body: bytes) -> GenerateImageRequest:
     return req
 
 
-async def create(gw: Gateway, principal: Principal, req: GenerateImageRequest) -> Job:
+ROUTE = "POST /v2/images/generate"
+
+
+async def create(
+    gw: Gateway, principal: Principal, req: GenerateImageRequest, *, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Charge and queue a generation. Returns the job and whether it is an idempotent replay."""
     params = req.fluxLoraParams
     assert params is not None
+    request_digest = idempotency.digest(req)
+    if idempotency_key:
+        async with gw.db.read() as conn:
+            earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, request_digest)
+            if earlier is not None:
+                return await _existing(conn, earlier), True
     await check_webhook_url(gw, req.webhookUrl)
     async with gw.db.read() as conn:
         lora = await work.get_lora(conn, params.loraId.lower(), principal.team_id)
@@ -86,6 +99,10 @@ async def create(gw: Gateway, principal: Principal, req: GenerateImageRequest) -
     job_id = new_id()
     ts = now()
     async with gw.db.tx() as conn:
+        if idempotency_key:  # a concurrent request with the same key may have won the race
+            earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, request_digest)
+            if earlier is not None:
+                return await _existing(conn, earlier), True
         try:
             await teams_store.apply_credits(conn, principal.team_id, -cost, reason="image generation", ref=job_id, kind="job")
         except teams_store.InsufficientBalance as e:
@@ -98,10 +115,18 @@ async def create(gw: Gateway, principal: Principal, req: GenerateImageRequest) -
             webhook_status="pending" if req.webhookUrl else None,
             stage="start", next_run_at=ts, created_at=ts, updated_at=ts,
         )
+        if idempotency_key:
+            await idempotency.remember(conn, principal.team_id, idempotency_key, ROUTE, request_digest, job_id)
         job = await work.get_job(conn, job_id)
     assert job is not None
     log.info("job_created", job_id=job_id, lora_id=lora.id, credits=cost)
     gw.wake()
+    return job, False
+
+
+async def _existing(conn, job_id: str) -> Job:
+    job = await work.get_job(conn, job_id)
+    assert job is not None, "an idempotency record points at a missing job"
     return job
 
 

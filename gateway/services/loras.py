@@ -11,6 +11,7 @@ from gateway.context import Gateway
 from gateway.engine import loras as lora_engine
 from gateway.netsafety import UnsafeUrl
 from gateway.errors import InsufficientCredits, NotFound, RateLimited, ValidationFailed
+from gateway.services import idempotency
 from gateway.store import teams as teams_store
 from gateway.store import work
 from gateway.store.models import Lora, Principal
@@ -123,42 +124,89 @@ async def check_webhook_url(gw: Gateway, url: str | None, path: str = "webhookUr
         raise ValidationFailed.at(path, f"Not an allowed webhook URL: {e}") from None
 
 
-async def create(gw: Gateway, principal: Principal, upload: ReceivedUpload) -> Lora:
+ROUTE = "POST /v2/loras"
+
+
+def request_digest(upload: ReceivedUpload) -> str:
+    """What makes two uploads the same request: the fields and each image's bytes, in order
+    (not the raw body, whose multipart boundary differs on every retry)."""
+    return idempotency.digest({"fields": upload.fields, "images": [i.sha256 for i in upload.images]})
+
+
+async def create(
+    gw: Gateway, principal: Principal, upload: ReceivedUpload, *, idempotency_key: str | None = None
+) -> tuple[Lora, bool]:
+    """Store the images, charge the create fee and queue the LoRA. Returns (lora, replayed)."""
+    digest = request_digest(upload)
+    if idempotency_key:
+        async with gw.db.read() as conn:
+            earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, digest)
+            if earlier is not None:
+                return await _existing(conn, earlier), True
     form = parse_form(upload.fields)
     await check_webhook_url(gw, form.webhook_url)
     lora_id = new_id()
+    replayed: Lora | None = None
     try:
         for img in upload.images:
             ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[img.format]
             await gw.storage.put_file(f"loras/{lora_id}/raw/{img.index + 1:03d}.{ext}", img.path, move=True)
         async with gw.db.tx() as conn:
-            team = await teams_store.get_team(conn, principal.team_id)
-            assert team is not None
-            _check_cap(await work.count_active_trainings(conn, team.id), team.max_concurrent_trainings)
-            word = generate_trigger_word()
-            while await work.trigger_word_taken(conn, word):
-                word = generate_trigger_word()
-            ts = now()
-            await work.insert_lora(
-                conn, id=lora_id, team_id=team.id, user_id=principal.user_id, key_id=principal.key.id,
-                name=form.name, subject_kind=form.subject_kind, gender=form.gender, ethnicity=form.ethnicity,
-                age=form.age, status="PENDING", image_count=len(upload.images), steps=form.steps,
-                lora_rank=form.rank, trigger_word=word, webhook_url=form.webhook_url,
-                webhook_events=form.webhook_events, stage="prepare", next_run_at=ts, created_at=ts, updated_at=ts,
-            )
-            try:
-                await teams_store.apply_credits(conn, team.id, -CREATE_FEE, reason="LoRA create", ref=lora_id, kind="lora_create")
-            except teams_store.InsufficientBalance as e:
-                raise InsufficientCredits(e.required, e.available) from None
-            lora = await work.get_lora(conn, lora_id)
+            if idempotency_key:  # a concurrent request with the same key may have won the race
+                earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, digest)
+                if earlier is not None:
+                    replayed = await _existing(conn, earlier)
+            if replayed is None:
+                lora = await _insert(conn, principal, lora_id, form, len(upload.images))
+                if idempotency_key:
+                    await idempotency.remember(conn, principal.team_id, idempotency_key, ROUTE, digest, lora_id)
     except BaseException:
         # nothing half-written stays behind: the row was rolled back, remove the stored images
         await gw.storage.delete_prefix(f"loras/{lora_id}/")
         raise
-    assert lora is not None
+    if replayed is not None:
+        await gw.storage.delete_prefix(f"loras/{lora_id}/")
+        return replayed, True
     log.info("lora_created", lora_id=lora_id, team_id=principal.team_id, images=len(upload.images))
     gw.wake()
+    return lora, False
+
+
+async def _insert(conn: Any, principal: Principal, lora_id: str, form: LoraForm, image_count: int) -> Lora:
+    team = await teams_store.get_team(conn, principal.team_id)
+    assert team is not None
+    _check_cap(await work.count_active_trainings(conn, team.id), team.max_concurrent_trainings)
+    word = generate_trigger_word()
+    while await work.trigger_word_taken(conn, word):
+        word = generate_trigger_word()
+    ts = now()
+    await work.insert_lora(
+        conn, id=lora_id, team_id=team.id, user_id=principal.user_id, key_id=principal.key.id,
+        name=form.name, subject_kind=form.subject_kind, gender=form.gender, ethnicity=form.ethnicity,
+        age=form.age, status="PENDING", image_count=image_count, steps=form.steps,
+        lora_rank=form.rank, trigger_word=word, webhook_url=form.webhook_url,
+        webhook_events=form.webhook_events, stage="prepare", next_run_at=ts, created_at=ts, updated_at=ts,
+    )
+    try:
+        await teams_store.apply_credits(conn, team.id, -CREATE_FEE, reason="LoRA create", ref=lora_id, kind="lora_create")
+    except teams_store.InsufficientBalance as e:
+        raise InsufficientCredits(e.required, e.available) from None
+    lora = await work.get_lora(conn, lora_id)
+    assert lora is not None
     return lora
+
+
+async def _existing(conn: Any, lora_id: str) -> Lora:
+    lora = await work.get_lora(conn, lora_id)
+    assert lora is not None, "an idempotency record points at a missing LoRA"
+    return lora
+
+
+async def has_idempotent_record(gw: Gateway, principal: Principal, key: str | None) -> bool:
+    if not key:
+        return False
+    async with gw.db.read() as conn:
+        return await idempotency.lookup(conn, principal.team_id, key, ROUTE, None) is not None
 
 
 def check_id(lora_id: str) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -94,6 +95,24 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     ones also take ``dtype`` and warn about ``torch_dtype``; that warning is silenced here)."""
     warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated.*", category=FutureWarning)
     return {"torch_dtype": dtype}
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info chatter from diffusers / transformers (logs stay readable)."""
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic
+        pass
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic
+        pass
 
 
 def free_memory() -> None:
@@ -351,13 +370,13 @@ def save_lora(transformer: Any, out_dir: Path, *, weight_name: str = WEIGHTS_NAM
     tmp = out_dir / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    metadata = None
+    extra: dict[str, Any] = {}
     peft_config = getattr(transformer, "peft_config", {}).get("default")
-    if peft_config is not None:
-        metadata = peft_config.to_dict()
+    if peft_config is not None and "transformer_lora_adapter_metadata" in inspect.signature(
+            FluxPipeline.save_lora_weights).parameters:  # diffusers >= 0.35 keeps the LoraConfig (alpha ...)
+        extra["transformer_lora_adapter_metadata"] = peft_config.to_dict()
     FluxPipeline.save_lora_weights(
-        tmp, transformer_lora_layers=lora_state_dict(transformer), weight_name=weight_name,
-        transformer_lora_adapter_metadata=metadata,
+        tmp, transformer_lora_layers=lora_state_dict(transformer), weight_name=weight_name, **extra,
     )
     dest = out_dir / weight_name
     os.replace(tmp / weight_name, dest)
@@ -462,6 +481,7 @@ def train(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, out_dir: Path, *
     :class:`TrainingInterrupted` raised.
     """
     started = time.monotonic()
+    quiet_libraries()
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     report = progress or (lambda *a: None)
@@ -518,6 +538,7 @@ def evaluate(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, lora: Path | 
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    quiet_libraries()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     enc = encode_dataset(Path(model_dir), read_dataset(dataset_dir), cfg, device, dtype)

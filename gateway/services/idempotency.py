@@ -1,0 +1,52 @@
+"""``Idempotency-Key``: a replay within 24 h returns the original object (its status may have
+moved on); the same key with a different request is a 409. The record is written in the same
+transaction as the object and its charge, so two concurrent requests create one object."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from gateway.errors import Conflict, ValidationFailed
+from gateway.store import durability
+from gateway.store.durability import IdempotencyRecord
+from gateway.timeutil import now
+
+HEADER = "idempotency-key"
+MAX_LENGTH = 255
+TTL_S = 24 * 3600
+
+
+def key_from(headers: Any) -> str | None:
+    raw = headers.get(HEADER)
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= MAX_LENGTH or not raw.isprintable():
+        raise ValidationFailed.at("Idempotency-Key", f"Must be 1–{MAX_LENGTH} printable characters")
+    return raw
+
+
+def digest(value: Any) -> str:
+    """A canonical digest of a request (JSON with sorted keys)."""
+    return hashlib.sha256(msgspec.json.encode(msgspec.to_builtins(value), order="sorted")).hexdigest()
+
+
+async def lookup(conn: aiosqlite.Connection, team_id: str, key: str, route: str, request_digest: str | None) -> str | None:
+    """The id of the object an earlier request with this key created, or None.
+
+    With ``request_digest`` None only existence is checked (before the body is read)."""
+    rec = await durability.idempotency_get(conn, team_id, key, newer_than=now() - TTL_S)
+    if rec is None:
+        return None
+    if request_digest is not None and (rec.route != route or rec.request_digest != request_digest):
+        raise Conflict("This Idempotency-Key was already used with a different request")
+    return rec.object_id
+
+
+async def remember(conn: aiosqlite.Connection, team_id: str, key: str, route: str, request_digest: str, object_id: str) -> None:
+    await durability.idempotency_put(conn, IdempotencyRecord(
+        team_id=team_id, key=key, route=route, request_digest=request_digest, object_id=object_id, created_at=now(),
+    ))
