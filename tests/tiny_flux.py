@@ -179,3 +179,16 @@ def trained_lora_for(factory: pytest.TempPathFactory, model_dir: Path) -> Path:
 def tiny_lora(tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path) -> Path:
     """``pytorch_lora_weights.safetensors`` trained on ``tiny_flux``."""
     return trained_lora_for(tmp_path_factory, tiny_flux)
+
+
+def make_local_provider(data_dir: Path, model_dir: Path, **config: Any) -> Any:
+    """A ``LocalProvider`` over ``data_dir`` as the gateway builds it (call again = a restart)."""
+    from plugins.storage.local import LocalStorage, LocalStorageConfig
+    from providers.base import ProviderSetup
+    from providers.local import LocalConfig, LocalProvider
+
+    setup = ProviderSetup(storage=LocalStorage(LocalStorageConfig(), data_dir), data_dir=data_dir,
+                          public_base_url=None, http_client=lambda **kw: None)
+    base: dict[str, Any] = {"model_dir": str(model_dir), "resolution": 32, "max_sequence_length": T5_MAX_LENGTH,
+                            "learning_rate": 1e-2, "devices": ["cpu"]}
+    return LocalProvider(LocalConfig(**{**base, **config}), setup)
