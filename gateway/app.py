@@ -13,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
 from gateway.api import admin as admin_api
+from gateway.api import hooks as hooks_api
 from gateway.api import jobs as jobs_api
 from gateway.api import loras as loras_api
 from gateway.api import system
@@ -56,6 +57,7 @@ def create_app(
             system.readyz,
             system.files,
             admin_api.AdminController,
+            hooks_api.provider_callback,
         ],
         lifespan=[lifespan],
         middleware=[request_id_middleware],

@@ -294,7 +294,8 @@ async def _poll(gw: Gateway, lora: Lora, owner: str) -> bool:
         return await _stuck(gw, lora, owner, attempt, provider)
     async with gw.db.tx() as conn:
         await work.update_attempt(
-            conn, attempt.id, state=status.state, polls=attempt.polls + 1,
+            # the backoff restarts when the state changes (per-state backoff)
+            conn, attempt.id, state=status.state, polls=attempt.polls + 1 if status.state == attempt.state else 0,
             progress=status.progress if status.progress is not None else attempt.progress,
             progressed_at=now() if progressed or status.state != attempt.state else attempt.progressed_at,
         )

@@ -302,3 +302,29 @@ async def release_owner(conn: aiosqlite.Connection, owner: str) -> None:
         await conn.execute(
             f"UPDATE {table} SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?", (owner,)
         )
+
+
+async def poll_now_for_ref(conn: aiosqlite.Connection, provider: str, ref: str) -> str | None:
+    """A verified callback about ``provider``'s job ``ref``: make its owner's poll due now.
+
+    Only the *current* attempt of an active lora or job counts; a late callback about a
+    superseded attempt changes nothing. Returns the owner's id when something moved.
+    """
+    rows = list(
+        await conn.execute_fetchall(
+            """SELECT a.owner_kind, a.owner_id FROM attempts a
+               WHERE a.provider = ? AND a.provider_ref = ? AND a.state IN ('queued', 'running')
+                 AND a.seq = (SELECT MAX(seq) FROM attempts b WHERE b.owner_kind = a.owner_kind AND b.owner_id = a.owner_id)""",
+            (provider, ref),
+        )
+    )
+    if not rows:
+        return None
+    kind, owner_id = rows[0][0], rows[0][1]
+    table, active = _TABLES[kind], _ACTIVE[kind]
+    marks = ", ".join("?" for _ in active)
+    cur = await conn.execute(
+        f"UPDATE {table} SET next_run_at = ? WHERE id = ? AND stage = 'poll' AND status IN ({marks})",
+        (now(), owner_id, *active),
+    )
+    return owner_id if cur.rowcount == 1 else None
