@@ -261,6 +261,8 @@ async def receive_upload(
     is removed; on success the caller owns it and must call ``cleanup()``.
     """
     boundary = _boundary(content_type)
+    if tmp_root is not None:
+        tmp_root.mkdir(parents=True, exist_ok=True)  # a configured uploads.tmp_dir need not exist yet
     tmp_dir = Path(tempfile.mkdtemp(prefix="lora-upload-", dir=tmp_root))
     receiver = _Receiver(limits, tmp_dir)
     body_bytes = 0

@@ -112,9 +112,10 @@ def retry_delay(cfg: WebhookSettings, attempts: int, rng: Callable[[], float] = 
 class Deliverer:
     """Sends due deliveries. Runs inside the engine; several processes may run one."""
 
-    def __init__(self, db: Any, cfg: WebhookSettings, client: httpx.AsyncClient, owner: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, db: Any, cfg: WebhookSettings, client: httpx.AsyncClient, owner: str, *,
+                 lease_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
+        self.lease_s = max(lease_s, cfg.timeout_s * 2)
         self.cfg = cfg
         self.client = client
         self.owner = owner
@@ -122,7 +123,7 @@ class Deliverer:
 
     async def run_due(self, limit: int) -> int:
         async with self.db.tx() as conn:
-            ids = await durability.claim_deliveries(conn, owner=self.owner, lease_s=self.cfg.timeout_s * 3 + 30, limit=limit)
+            ids = await durability.claim_deliveries(conn, owner=self.owner, lease_s=self.lease_s, limit=limit)
         if not ids:
             return 0
         async with anyio.create_task_group() as tg:

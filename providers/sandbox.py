@@ -206,8 +206,10 @@ class SandboxProvider(Provider):
             raise ProviderRejected(f"sandbox: unknown job {ref!r}") from None
 
     def _log_call(self, kind: str, attempt_id: str) -> None:
-        """Append one line per submit call: the record a crash test reads to prove that no
-        attempt was ever sent twice (the on-disk jobs alone are idempotent and would hide it)."""
+        """Append one line per submit call that reached the sandbox: ``training``/``generation``
+        when it created a job, ``training-again``/``generation-again`` when the attempt id had
+        one already. The jobs themselves are idempotent, so only this log shows a resubmission;
+        a crash test reads it to prove that nothing was ever sent twice."""
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.root / "calls.log", "a", encoding="utf-8") as fh:
             fh.write(f"{kind} {attempt_id}\n")
@@ -215,7 +217,7 @@ class SandboxProvider(Provider):
             os.fsync(fh.fileno())
 
     def calls(self) -> list[tuple[str, str]]:
-        """Every ``(kind, attempt_id)`` submit call ever made, in order (``training``/``generation``)."""
+        """Every ``(kind, attempt_id)`` submit call that reached the sandbox, in order."""
         try:
             lines = (self.root / "calls.log").read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
@@ -232,9 +234,9 @@ class SandboxProvider(Provider):
 
     async def start_training(self, spec: TrainingSpec, dataset: Dataset) -> TrainingSubmission:
         self.submit_calls += 1
-        await anyio.to_thread.run_sync(self._log_call, "training", spec.attempt_id)
         ref = _ref("t", spec.attempt_id)
         if await anyio.to_thread.run_sync(self._job_path(ref).exists):
+            await anyio.to_thread.run_sync(self._log_call, "training-again", spec.attempt_id)
             return TrainingSubmission(ref=ref)  # idempotent on the attempt id
         caps = _TRAINING
         if spec.subject_kind not in caps.subject_kinds:
@@ -256,6 +258,7 @@ class SandboxProvider(Provider):
             queue_seconds=cfg.queue_seconds, training_seconds=cfg.training_seconds, outcome=outcome,
         )
         await anyio.to_thread.run_sync(lambda: self._save(job, only_new=True))
+        await anyio.to_thread.run_sync(self._log_call, "training", spec.attempt_id)
         return TrainingSubmission(ref=ref)
 
     async def lookup_training(self, attempt_id: str) -> TrainingSubmission | None:
@@ -306,9 +309,9 @@ class SandboxProvider(Provider):
     # ------------------------------------------------------------------ inference
 
     async def generate(self, spec: GenerationSpec, lora: LoraHandle) -> GenerationStatus:
-        await anyio.to_thread.run_sync(self._log_call, "generation", spec.attempt_id)
         ref = _ref("g", spec.attempt_id)
         if await anyio.to_thread.run_sync(self._job_path(ref).exists):
+            await anyio.to_thread.run_sync(self._log_call, "generation-again", spec.attempt_id)
             return await self.generation_status(ref)  # idempotent on the attempt id
         if not 1 <= spec.num_outputs <= _INFERENCE.max_outputs:
             raise ProviderRejected(f"sandbox: num_outputs {spec.num_outputs} outside 1..{_INFERENCE.max_outputs}")
@@ -335,6 +338,7 @@ class SandboxProvider(Provider):
             output_format=spec.output_format, error=error, retryable=retryable,
         )
         await anyio.to_thread.run_sync(lambda: self._save(job, only_new=True))
+        await anyio.to_thread.run_sync(self._log_call, "generation", spec.attempt_id)
         if cfg.generation_seconds == 0:
             return await self._finish(job)
         return GenerationStatus(state="queued", ref=ref, progress=0.0)

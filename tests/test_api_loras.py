@@ -758,3 +758,11 @@ async def test_failure_before_training_refunds_the_create_fee_too(make_api: Call
         assert lora["status"] == "FAILED" and "credits" in lora["error"]
         assert lora["startedAt"] is None and lora["triggerWord"] is None
         assert await api.credits() == 2
+
+
+async def test_a_configured_tmp_dir_that_does_not_exist_yet_is_created(make_api: Callable[..., Any], tmp_path: Path) -> None:
+    tmp = tmp_path / "not" / "there"
+    async with make_api(uploads={"tmp_dir": str(tmp)}, providers=SLOW) as api:
+        r = await api.create_lora(15)
+        assert r.status_code == 202, r.text
+        assert tmp.is_dir() and list(tmp.iterdir()) == []

@@ -96,8 +96,11 @@ def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tiny_fl
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_flux: Path, tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "ds", n=2)
     cfg = tiny_train_config(steps=4, checkpoint_every=2)
+    steps: list[int] = []
     with pytest.raises(trainer.TrainingInterrupted):
-        trainer.train(tiny_flux, data, cfg, tmp_path / "out", should_stop=lambda: True)
+        trainer.train(tiny_flux, data, cfg, tmp_path / "out", should_stop=lambda: bool(steps),
+                      progress=lambda phase, step, total, loss: steps.append(step) if step else None)
+    assert trainer.latest_checkpoint(tmp_path / "out" / "checkpoints", cfg)[0] == 1
     other = tiny_train_config(steps=4, checkpoint_every=2, rank=4)
     assert trainer.latest_checkpoint(tmp_path / "out" / "checkpoints", other) is None
     assert trainer.train(tiny_flux, data, other, tmp_path / "out").resumed_from == 0

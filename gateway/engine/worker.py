@@ -33,7 +33,9 @@ class Engine:
         self._deliveries_due = anyio.Event()
         self._inflight: set[tuple[str, str]] = set()
         self.ready = False
-        self.deliverer = Deliverer(gw.db, gw.settings.webhooks, gw.webhook_client, self.owner)
+        self.deliverer = Deliverer(
+            gw.db, gw.settings.webhooks, gw.webhook_client, self.owner, lease_s=gw.settings.engine.lease_s
+        )
         gw.wake = self.wake
 
     def wake(self) -> None:

@@ -164,7 +164,7 @@ class TrainingRunner:
         for job in sorted(found, key=lambda j: j.seq):
             if job.state == "running":
                 if job.pid is not None and _pid_runs_worker(job.pid, self.job_dir(job.ref)):
-                    self._kill_orphan(job.pid)
+                    self._kill_orphan(job.pid, self.job_dir(job.ref))
                 job.state, job.device, job.pid = "queued", None, None
                 self.save(job)
             with self.lock:
@@ -175,7 +175,7 @@ class TrainingRunner:
             self.ensure_started()
         return [j.ref for j in found]
 
-    def _kill_orphan(self, pid: int) -> None:
+    def _kill_orphan(self, pid: int, job_dir: Path) -> None:
         """A worker left by a gateway that died: ask it to checkpoint, then make sure it is gone."""
         try:
             os.kill(pid, signal.SIGTERM)
@@ -183,9 +183,7 @@ class TrainingRunner:
             return
         deadline = time.monotonic() + self.grace_s
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not _pid_runs_worker(pid, job_dir):  # gone (or a zombie: its cmdline is empty)
                 return
             time.sleep(0.1)
         try:

@@ -504,6 +504,8 @@ def train(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, out_dir: Path, *
         log(f"resumed from checkpoint at step {start}")
     last_ckpt = start
     loss_value: float | None = None
+    if should_stop is not None and start < cfg.steps and should_stop():
+        raise TrainingInterrupted(start)  # asked to stop while loading: the last checkpoint stands
     report("training", start, cfg.steps, None)
     for step in range(start, cfg.steps):
         idx, x0, noise, indices = sample_step(enc, step, cfg, num_train_timesteps)

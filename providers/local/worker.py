@@ -3,13 +3,15 @@
 It reads ``JOB_DIR/train.json`` (model dir, dataset dir, :class:`TrainConfig`), trains with
 :func:`providers.local.trainer.train`, and talks back to the provider only through files:
 
-* ``progress.json`` -- ``{"phase", "step", "total", "loss", "pid", "updated_at"}``, rewritten atomically;
+* ``progress.json`` -- ``{"phase", "step", "total", "loss", "pid", "updated_at"}``, rewritten atomically
+  (phases: starting, loading, training, saving, done);
 * ``result.json`` -- ``{"state": "succeeded", "weights", "steps", ...}`` or
   ``{"state": "failed", "error", "retryable"}``;
 * ``output/pytorch_lora_weights.safetensors`` and ``checkpoints/checkpoint-NNNNNNN/``.
 
-Exit status: 0 done, 1 failed (see ``result.json``), 75 interrupted after a checkpoint (SIGTERM,
-SIGINT, or the gateway process going away), 2 bad invocation. The process asks Linux to send it
+Exit status: 0 done, 1 failed (see ``result.json``), 75 interrupted (SIGTERM, SIGINT, or the
+gateway process going away: during training after writing a checkpoint at the current step,
+while still loading at once), 2 bad invocation. The process asks Linux to send it
 SIGTERM when its parent dies, and also watches the parent's pid, so a gateway that crashes
 does not leave a training running unsupervised: it checkpoints and stops, and the restarted
 provider resumes it.
@@ -69,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     stop = threading.Event()
+    training = threading.Event()  # set once the first step runs: from then on, stop = checkpoint + exit
 
     def on_signal(signum: int, frame: object) -> None:
-        print(f"signal {signum}: stopping at the next step", file=sys.stderr, flush=True)
+        if not training.is_set():
+            print(f"signal {signum} while loading: exiting (nothing to save yet)", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        print(f"signal {signum}: checkpointing after the current step", file=sys.stderr, flush=True)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -86,13 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     progress_path = job_dir / "progress.json"
     last = {"t": 0.0}
 
-    def progress(phase: str, step: int, total: int, loss: float | None) -> None:
+    def progress(phase: str, step: int, total: int | None, loss: float | None) -> None:
         now = time.time()
-        if phase == "training" and 0 < step < total and now - last["t"] < 0.5:
-            return  # at most two writes a second
+        if phase == "training":
+            training.set()
+            if 0 < step < (total or 0) and now - last["t"] < 0.5:
+                return  # at most two writes a second
         last["t"] = now
         write_json(progress_path, {"phase": phase, "step": step, "total": total, "loss": loss,
                                    "pid": os.getpid(), "updated_at": now})
+
+    try:  # a relaunched job keeps showing the step it had reached until its checkpoint is loaded
+        before = json.loads(progress_path.read_text())
+    except (OSError, ValueError):
+        before = {}
+    progress("starting", int(before.get("step") or 0), before.get("total"), None)
 
     def log(msg: str) -> None:
         print(time.strftime("%Y-%m-%dT%H:%M:%S"), msg, flush=True)
