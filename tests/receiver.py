@@ -26,6 +26,7 @@ class Receiver:
     status: int = 200
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     requests: list[Received] = field(default_factory=list)
+    incomplete: int = 0
     base_url: str = ""
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -34,6 +35,9 @@ class Receiver:
         body = b""
         while True:
             msg = await receive()
+            if msg["type"] == "http.disconnect":
+                self.incomplete += 1  # the sender died mid-request: nothing was delivered
+                return
             body += msg.get("body", b"")
             if not msg.get("more_body"):
                 break

@@ -110,6 +110,14 @@ async def wait_state(p: Any, ref: str, states: tuple[str, ...], timeout: float =
         await asyncio.sleep(0.05)
 
 
+async def wait_started(fake: dict[str, Any], ref: str, timeout: float = 30) -> None:
+    """Until the stand-in worker runs (its signal handler is installed)."""
+    deadline = time.monotonic() + timeout
+    while not any(e["kind"] == "start" and e["ref"] == ref for e in events(fake)):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
 # --------------------------------------------------------------------------- the queue itself
 
 
@@ -264,7 +272,7 @@ async def test_shutdown_checkpoints_and_a_restarted_provider_resumes(fake: dict[
     p1 = provider(fake)
     slow = (await p1.start_training(tspec("s", word="SLOWW"), dataset(tmp_path))).ref
     later = (await p1.start_training(tspec("l", team="B"), dataset(tmp_path))).ref
-    await wait_state(p1, slow, ("running",))
+    await wait_started(fake, slow)
     await p1.aclose()  # SIGTERM -> the worker checkpoints and exits 75 -> the job stays queued
     assert [e["kind"] for e in events(fake) if e["ref"] == slow] == ["start", "term"]
     assert p1.runner.load(slow).state == "queued" and p1.runner.load(later).state == "queued"
@@ -280,7 +288,7 @@ async def test_shutdown_checkpoints_and_a_restarted_provider_resumes(fake: dict[
 async def test_a_worker_orphaned_by_a_crashed_gateway_is_replaced(fake: dict[str, Any], tmp_path: Path) -> None:
     p1 = provider(fake)
     slow = (await p1.start_training(tspec("s", word="SLOWW"), dataset(tmp_path))).ref
-    await wait_state(p1, slow, ("running",))
+    await wait_started(fake, slow)
     pid = p1.runner.load(slow).pid
     # the gateway "dies": its scheduler stops without reaping or signalling (the stand-in
     # worker, unlike the real one, does not ask for a parent-death signal)

@@ -10,14 +10,16 @@ import hmac
 import io
 import json
 import os
+import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 import msgspec
 import pytest
+import structlog
 from PIL import Image
 
 import providers.wavespeed as wavespeed_mod
@@ -35,6 +37,16 @@ from tests.images import make_image
 WORD = "K7XQZ"
 BASE = "http://wavespeed.test"
 PUBLIC = "https://gw.example.com"
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_current_stderr() -> Iterator[None]:
+    """Log to whatever ``sys.stderr`` is when a line is written. (An in-process CLI test elsewhere
+    configures structlog with pytest's capture stream, which is closed once that test ends.)"""
+    saved = structlog.get_config()
+    structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

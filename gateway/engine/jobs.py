@@ -35,10 +35,13 @@ async def _update(conn, job: Job, owner: str, **fields) -> None:
         raise LeaseLost(job.id)
 
 
-async def step(gw: Gateway, job_id: str, owner: str) -> None:
+async def step(gw: Gateway, job_id: str, owner: str, claimed: Job | None = None) -> None:
     while True:
-        async with gw.db.read() as conn:
-            job = await work.get_job(conn, job_id)
+        if claimed is not None:
+            job, claimed = claimed, None
+        else:
+            async with gw.db.read() as conn:
+                job = await work.get_job(conn, job_id)
         if job is None or job.lease_owner != owner or job.status not in work.ACTIVE_JOB:
             return
         with structlog.contextvars.bound_contextvars(job_id=job.id, stage=job.stage):

@@ -50,11 +50,15 @@ def _dataset_dir(gw: Gateway, lora_id: str) -> Path:
     return gw.work_dir / "loras" / lora_id
 
 
-async def step(gw: Gateway, lora_id: str, owner: str) -> None:
-    """Run steps for one leased lora until it waits (poll) or ends."""
+async def step(gw: Gateway, lora_id: str, owner: str, claimed: Lora | None = None) -> None:
+    """Run steps for one leased lora until it waits (poll) or ends. ``claimed`` is the row
+    as the claim returned it (saves a read for the first step)."""
     while True:
-        async with gw.db.read() as conn:
-            lora = await work.get_lora(conn, lora_id)
+        if claimed is not None:
+            lora, claimed = claimed, None
+        else:
+            async with gw.db.read() as conn:
+                lora = await work.get_lora(conn, lora_id)
         if lora is None or lora.lease_owner != owner or lora.status not in work.ACTIVE_LORA:
             return
         handler = _STAGES.get(lora.stage)

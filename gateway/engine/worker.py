@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import Any
 
 import anyio
 import structlog
@@ -54,9 +55,9 @@ class Engine:
                 while True:
                     free = e.concurrency - len(self._inflight)
                     if free > 0:
-                        for kind, row_id in await self._claim(free):
-                            self._inflight.add((kind, row_id))
-                            tg.start_soon(self._run_one, kind, row_id)
+                        for kind, row in await self._claim(free):
+                            self._inflight.add((kind, row.id))
+                            tg.start_soon(self._run_one, kind, row)
                     with anyio.move_on_after(e.poll_interval_s):
                         await self._wake.wait()
                     self._wake = anyio.Event()
@@ -66,30 +67,32 @@ class Engine:
                 await self._release_all()
             log.info("engine_stopped", owner=self.owner)
 
-    async def _claim(self, limit: int) -> list[tuple[str, str]]:
+    async def _claim(self, limit: int) -> list[tuple[str, Any]]:
         lease = self.gw.settings.engine.lease_s
         async with self.gw.db.tx() as conn:
-            job_ids = await work.claim_due(conn, "job", owner=self.owner, lease_s=lease, limit=limit)
-            lora_ids = await work.claim_due(conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(job_ids))
-        return [("job", i) for i in job_ids] + [("lora", i) for i in lora_ids]
+            jobs_due = await work.claim_due(conn, "job", owner=self.owner, lease_s=lease, limit=limit)
+            loras_due = await work.claim_due(conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(jobs_due))
+        return [("job", j) for j in jobs_due] + [("lora", lo) for lo in loras_due]
 
-    async def _run_one(self, kind: str, row_id: str) -> None:
+    async def _run_one(self, kind: str, row: Any) -> None:
+        """Run a leased row's steps. Every step ends by writing its row with the lease
+        released (or finds the row is no longer its own), so nothing is released here on a
+        normal return; a lease a step failed to release expires, since the heartbeat renews
+        only rows in flight."""
         try:
             if kind == "lora":
-                await loras.step(self.gw, row_id, self.owner)
+                await loras.step(self.gw, row.id, self.owner, row)
             else:
-                await jobs.step(self.gw, row_id, self.owner)
+                await jobs.step(self.gw, row.id, self.owner, row)
         except LeaseLost:
-            log.info("lease_lost", kind=kind, id=row_id)
+            log.info("lease_lost", kind=kind, id=row.id)
         except Exception:
-            log.exception("engine_step_crashed", kind=kind, id=row_id)
+            log.exception("engine_step_crashed", kind=kind, id=row.id)
             # retried later by whoever holds the lease then; the backoff keeps a bug from spinning
             async with self.gw.db.tx() as conn:
-                await work.release(conn, kind, row_id, self.owner, next_run_at=now() + self.gw.settings.engine.crash_backoff_s)
+                await work.release(conn, kind, row.id, self.owner, next_run_at=now() + self.gw.settings.engine.crash_backoff_s)
         finally:
-            async with self.gw.db.tx() as conn:
-                await work.release(conn, kind, row_id, self.owner)
-            self._inflight.discard((kind, row_id))
+            self._inflight.discard((kind, row.id))
             self.wake()
 
     async def _deliver_loop(self) -> None:
@@ -110,8 +113,10 @@ class Engine:
         e = self.gw.settings.engine
         while True:
             await anyio.sleep(e.lease_s / 3)
+            if not self._inflight:
+                continue
             async with self.gw.db.tx() as conn:
-                await work.renew_leases(conn, self.owner, now() + e.lease_s)
+                await work.renew_leases(conn, self.owner, now() + e.lease_s, list(self._inflight))
                 await durability.renew_delivery_leases(conn, self.owner, now() + e.lease_s)
 
     async def _release_all(self) -> None:

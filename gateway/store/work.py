@@ -200,8 +200,8 @@ async def image_by_key(conn: aiosqlite.Connection, storage_key: str) -> JobImage
 
 async def claim_due(
     conn: aiosqlite.Connection, kind: str, *, owner: str, lease_s: float, limit: int, at: float | None = None
-) -> list[str]:
-    """Lease up to ``limit`` due rows of ``kind`` ('lora' or 'job'); return their ids."""
+) -> list[Lora] | list[Job]:
+    """Lease up to ``limit`` due rows of ``kind`` ('lora' or 'job'); return them, leased."""
     table, active = _TABLES[kind], _ACTIVE[kind]
     t = now() if at is None else at
     marks = ", ".join("?" for _ in active)
@@ -212,10 +212,10 @@ async def claim_due(
               WHERE status IN ({marks}) AND next_run_at <= ?
                 AND (lease_expires IS NULL OR lease_expires < ?)
               ORDER BY next_run_at LIMIT ?)
-            RETURNING id""",
+            RETURNING *""",
         (owner, t + lease_s, *active, t, t, limit),
     )
-    return [r[0] for r in rows]
+    return [row_to(Lora, r) for r in rows] if kind == "lora" else [_job(r) for r in rows]
 
 
 async def release(conn: aiosqlite.Connection, kind: str, row_id: str, owner: str, *, next_run_at: float | None = None) -> None:
@@ -292,9 +292,16 @@ async def artifact_for(conn: aiosqlite.Connection, lora_id: str) -> Artifact | N
     return row_to(Artifact, rows[0]) if rows else None
 
 
-async def renew_leases(conn: aiosqlite.Connection, owner: str, until: float) -> None:
-    for table in _TABLES.values():
-        await conn.execute(f"UPDATE {table} SET lease_expires = ? WHERE lease_owner = ?", (until, owner))
+async def renew_leases(conn: aiosqlite.Connection, owner: str, until: float, rows: Iterable[tuple[str, str]]) -> None:
+    """Extend ``owner``'s leases on the given (kind, id) rows, the ones it is working on."""
+    for kind, table in _TABLES.items():
+        ids = [row_id for k, row_id in rows if k == kind]
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ", ".join("?" for _ in chunk)
+            await conn.execute(
+                f"UPDATE {table} SET lease_expires = ? WHERE lease_owner = ? AND id IN ({marks})", (until, owner, *chunk)
+            )
 
 
 async def release_owner(conn: aiosqlite.Connection, owner: str) -> None:

@@ -239,13 +239,19 @@ def load_scheduler(model_dir: Path) -> Any:
 def load_lora_transformer(model_dir: Path, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Any:
     """The frozen transformer in ``dtype`` with a fresh trainable LoRA adapter (float32) on it."""
     from diffusers import FluxTransformer2DModel
-    from peft import LoraConfig
 
     transformer = FluxTransformer2DModel.from_pretrained(
         Path(model_dir), subfolder="transformer", local_files_only=True, **dtype_kwargs(dtype),
     )
-    transformer.requires_grad_(False)
     transformer.to(device)
+    return add_lora(transformer, cfg)
+
+
+def add_lora(transformer: Any, cfg: TrainConfig) -> Any:
+    """Freeze ``transformer`` and add the trainable LoRA adapter (float32) the recipe adds."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(derive_seed(cfg.seed, "lora-init"))  # peft's gaussian init draws from the global RNG
@@ -329,6 +335,20 @@ def sample_step(enc: Encoded, step: int, cfg: TrainConfig, num_train_timesteps: 
     u = torch.rand(len(idx), generator=g)  # weighting scheme "none": uniform timesteps
     indices = (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
     return idx, x0, noise, indices
+
+
+def train_step(transformer: Any, enc: Encoded, step: int, cfg: TrainConfig, scheduler: Any,
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> float:
+    """One optimisation step (step index ``step``, 0-based); returns the loss."""
+    idx, x0, noise, indices = sample_step(enc, step, cfg, int(scheduler.config.num_train_timesteps))
+    loss = flow_matching_loss(transformer, enc, idx, x0, noise, indices, scheduler, cfg.guidance_scale)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def evaluation_loss(transformer: Any, enc: Encoded, scheduler: Any, *, seed: int = 1234,
@@ -494,7 +514,6 @@ def train(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, out_dir: Path, *
     examples = read_dataset(dataset_dir)
     enc = encode_dataset(Path(model_dir), examples, cfg, device, dtype)
     scheduler = load_scheduler(Path(model_dir))
-    num_train_timesteps = int(scheduler.config.num_train_timesteps)
     transformer = load_lora_transformer(Path(model_dir), cfg, device, dtype)
     optimizer = make_optimizer(transformer, cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -508,16 +527,8 @@ def train(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, out_dir: Path, *
         raise TrainingInterrupted(start)  # asked to stop while loading: the last checkpoint stands
     report("training", start, cfg.steps, None)
     for step in range(start, cfg.steps):
-        idx, x0, noise, indices = sample_step(enc, step, cfg, num_train_timesteps)
-        loss = flow_matching_loss(transformer, enc, idx, x0, noise, indices, scheduler, cfg.guidance_scale)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_value = train_step(transformer, enc, step, cfg, scheduler, optimizer, params)
         done = step + 1
-        loss_value = float(loss.detach())
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(ckpt_root, done, transformer, optimizer, cfg, loss=loss_value)
             last_ckpt = done
@@ -558,7 +569,8 @@ def evaluate(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, lora: Path | 
 __all__ = [
     "WEIGHTS_NAME", "DatasetError", "TrainingInterrupted", "Example", "Encoded", "TrainResult",
     "resolve_device", "resolve_dtype", "derive_seed", "read_dataset", "image_tensor", "encode_dataset",
-    "load_scheduler", "load_lora_transformer", "make_optimizer", "batch_indices", "sample_step",
+    "load_scheduler", "load_lora_transformer", "add_lora", "make_optimizer", "batch_indices", "sample_step",
+    "train_step",
     "flow_matching_loss", "evaluation_loss", "lora_state_dict", "save_lora", "latest_checkpoint",
     "save_checkpoint", "load_checkpoint", "train", "evaluate",
 ]

@@ -86,6 +86,7 @@ class Delivery:
     body: bytes
     status: int | None  # None when the request itself failed
     error: str | None = None
+    response: bytes = b""
 
 
 @dataclass
@@ -503,7 +504,7 @@ class FakeWaveSpeed:
             try:
                 async with self._client(p.webhook, p.host) as client:
                     resp = await client.post(p.webhook, content=body, headers=headers)
-                self.deliveries.append(Delivery(p.webhook, headers, body, resp.status_code))
+                self.deliveries.append(Delivery(p.webhook, headers, body, resp.status_code, response=resp.content))
                 if resp.status_code // 100 == 2:
                     return
             except httpx.HTTPError as e:

@@ -1,0 +1,352 @@
+"""Benchmark: FLUX.1-dev LoRA training throughput, peak memory and MFU of the ``local`` provider.
+
+    python bench/local_gpu.py                      # CUDA: 512 and 1024 px, checkpointing off and on
+    python bench/local_gpu.py --device cpu --tiny  # smoke test of the script on a tiny config
+    python bench/local_gpu.py --resolutions 1024 --checkpointing on --steps 20 --json out.json
+
+A full-size FLUX.1-dev transformer is built from its published config (hard-coded below: 19
+double + 38 single blocks, 24 heads x 128, joint attention dim 4096, pooled 768, guidance
+embeds, RoPE axes 16/56/56) with **random** weights -- the work per step is the same as with the
+real weights, and nothing is downloaded. The LoRA (rank 16, alpha 16, on to_q/to_k/to_v/to_out.0),
+the loss and the optimiser step are the provider's own (``providers.local.trainer.add_lora`` and
+``train_step``); text embeddings and latents are random tensors of the real shapes (T5: 512
+tokens x 4096; CLIP pooled: 768; latents: 16 channels at 1/8 of the image side), as the
+provider caches them before training.
+
+For each resolution and gradient-checkpointing setting it runs ``--warmup`` steps, then times
+``--steps`` steps (CUDA-synchronised) and reports steps/s, peak allocated GPU memory, and model
+FLOPs utilisation (MFU) against the GPU's dense bf16 peak.
+
+FLOPs are counted analytically (``step_flops``), per training step of batch ``b`` with ``Ti``
+image tokens ((side/16)^2), ``Tt`` text tokens and ``T = Ti + Tt``:
+
+* linear layers, forward: ``2 * sum over tokens of the weights each token passes through``.
+  Per block that is 12*D^2 multiply-adds per token (D = 3072): a double block sends image
+  tokens through the image weights (q, k, v, out: 4*D^2; MLP D->4D->D: 8*D^2) and text tokens
+  through the text weights (the same sizes); a single block sends all T tokens through q, k, v
+  (3*D^2), the MLP in (D->4D: 4*D^2) and the fused out projection (5D->D: 5*D^2). Plus the
+  input embedders (64->D on image tokens, 4096->D on text tokens) and the output projection
+  (D->64 on image tokens). The AdaLN modulation and timestep/guidance/pooled embedders act
+  once per sample, not per token (they are counted, but are ~0.1%).
+* attention, forward: ``4 * T^2 * D`` per block (QK^T and PV, 2*T^2*D multiply-adds), 57 blocks.
+* LoRA, forward: ``2 * r * (in + out)`` per adapted layer per token (tiny).
+* backward: the base weights are frozen, so no weight gradients are computed for them, but the
+  activation gradients still flow through every frozen linear layer: 1x the linear forward.
+  Attention backward is 2x its forward (dQ, dK from dS; dV, dP). LoRA backward is 2x its
+  forward (input and weight gradients).
+* so ``step = 2 * linear_fwd + 3 * attention_fwd + 3 * lora_fwd``, about 4 * N_touched * T
+  rather than the 6 * N * T of full fine-tuning. Gradient checkpointing recomputes each block's
+  forward in the backward pass; that recomputation is *not* counted (MFU counts model FLOPs;
+  the hardware FLOPs utilisation with checkpointing is shown as HFU).
+
+Peak dense bf16 tensor throughput (TFLOP/s): H100 SXM 989, H100 NVL 835, H100 PCIe 756, H200 989,
+A100 312, L40S 362; others are flagged unknown (pass ``--peak-tflops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+    os.environ[_k] = _v
+
+#: FLUX.1-dev ``transformer/config.json``
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+#: a tiny config of the same shape, for ``--tiny`` smoke tests
+TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))
+VAE_SCALE = 8  # FLUX's VAE: 8x downsampling, then 2x2 patches
+
+#: dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against the CUDA device name
+PEAKS: list[tuple[tuple[str, ...], float, str]] = [
+    (("H100", "NVL"), 835.0, "H100 NVL"),
+    (("H100", "PCIE"), 756.0, "H100 PCIe"),
+    (("H100",), 989.0, "H100 SXM"),
+    (("H200",), 989.0, "H200"),
+    (("GH200",), 989.0, "GH200"),
+    (("A100",), 312.0, "A100"),
+    (("L40S",), 362.0, "L40S"),
+]
+
+
+def peak_tflops(device_name: str) -> tuple[float | None, str]:
+    name = device_name.upper()
+    for needles, peak, label in PEAKS:
+        if all(n in name for n in needles):
+            return peak, label
+    return None, "unknown"
+
+
+# --------------------------------------------------------------------------- analytic FLOPs
+
+
+@dataclass
+class Flops:
+    linear_fwd: float
+    attention_fwd: float
+    lora_fwd: float
+    image_tokens: int
+    text_tokens: int
+
+    @property
+    def step(self) -> float:
+        """Model FLOPs of one training step (forward + backward, frozen base, no recompute)."""
+        return 2 * self.linear_fwd + 3 * self.attention_fwd + 3 * self.lora_fwd
+
+    @property
+    def recompute(self) -> float:
+        """Extra FLOPs gradient checkpointing spends re-running block forwards (hardware, not model)."""
+        return self.linear_fwd + self.attention_fwd + self.lora_fwd
+
+
+def step_flops(cfg: dict[str, Any], resolution: int, text_tokens: int, rank: int, batch: int = 1,
+               targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Flops:
+    """Analytic FLOPs of one LoRA training step of the FLUX transformer ``cfg`` (see the module doc)."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    m = 4 * d  # MLP hidden size (mlp_ratio 4)
+    c, j, p = cfg["in_channels"], cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
+    n_double, n_single = cfg["num_layers"], cfg["num_single_layers"]
+    ti = (resolution // (VAE_SCALE * 2)) ** 2
+    tt = text_tokens
+    t = ti + tt
+    # multiply-adds per sample
+    per_token = (
+        ti * c * d + tt * j * d  # x_embedder, context_embedder
+        + n_double * (ti + tt) * (4 * d * d + 2 * d * m)  # each stream through its own weights
+        + n_single * t * (3 * d * d + d * m + (d + m) * d)  # q, k, v; proj_mlp; proj_out
+        + ti * d * c  # proj_out
+    )
+    per_sample = (  # timestep/guidance/text embedders (256->D->D, 256->D->D, P->D->D), AdaLN modulations
+        2 * (256 * d + d * d) + (p * d + d * d)
+        + n_double * 2 * d * 6 * d + n_single * d * 3 * d + d * 2 * d
+    )
+    linear_fwd = 2.0 * batch * (per_token + per_sample)
+    attention_fwd = 4.0 * batch * t * t * d * (n_double + n_single)
+    lora_layers_tokens = 0  # sum over adapted layers of tokens x (in + out)
+    for name in targets:
+        if name in ("to_q", "to_k", "to_v", "to_out.0"):  # image stream in double blocks (+ single blocks)
+            lora_layers_tokens += n_double * ti * 2 * d
+            if name != "to_out.0":
+                lora_layers_tokens += n_single * t * 2 * d
+    lora_fwd = 2.0 * batch * rank * lora_layers_tokens
+    return Flops(linear_fwd, attention_fwd, lora_fwd, ti, tt)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Row:
+    resolution: int
+    checkpointing: bool
+    steps_per_s: float | None
+    s_per_step: float | None
+    peak_gib: float | None
+    tflop_per_step: float
+    tflops: float | None
+    mfu: float | None
+    hfu: float | None
+    error: str | None = None
+
+
+def build_transformer(cfg: dict[str, Any], device: Any, dtype: Any) -> Any:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # create the weights directly in bf16 on the device (no 48 GB fp32 copy)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype)
+
+
+def synthetic_encoded(cfg: dict[str, Any], resolution: int, text_tokens: int, device: Any, dtype: Any,
+                      count: int = 4) -> Any:
+    """Cached latents and text embeddings of the real shapes, as ``encode_dataset`` makes them."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from providers.local.trainer import Encoded
+
+    g = torch.Generator().manual_seed(0)
+    ch = cfg["in_channels"] // 4
+    side = resolution // VAE_SCALE
+    return Encoded(
+        latent_mean=torch.randn(count, ch, side, side, generator=g).to(device),
+        latent_std=torch.full((count, ch, side, side), 0.05).to(device),
+        prompt_embeds=torch.randn(count, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+        pooled_embeds=torch.randn(count, cfg["pooled_projection_dim"], generator=g).to(device, dtype),
+        text_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+        img_ids=FluxPipeline._prepare_latent_image_ids(count, side // 2, side // 2, device, dtype),
+        shift_factor=0.1159, scaling_factor=0.3611,
+    )
+
+
+def run_one(transformer: Any, cfg: dict[str, Any], args: argparse.Namespace, resolution: int, checkpointing: bool,
+            device: Any, dtype: Any, peak: float | None) -> Row:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from providers.local import trainer
+    from providers.local.config import TrainConfig
+
+    flops = step_flops(cfg, resolution, args.text_tokens, args.rank, args.batch)
+    tcfg = TrainConfig(steps=args.warmup + args.steps, rank=args.rank, resolution=resolution, batch_size=args.batch,
+                       gradient_checkpointing=checkpointing, guidance_scale=1.0, max_sequence_length=args.text_tokens)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    else:
+        transformer.disable_gradient_checkpointing()
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = trainer.make_optimizer(transformer, tcfg)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    enc = synthetic_encoded(cfg, resolution, args.text_tokens, device, dtype)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    row = Row(resolution, checkpointing, None, None, None, flops.step / 1e12, None, None, None)
+    try:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        for step in range(args.warmup):
+            trainer.train_step(transformer, enc, step, tcfg, scheduler, optimizer, params)
+        sync()
+        t0 = time.perf_counter()
+        for step in range(args.warmup, args.warmup + args.steps):
+            trainer.train_step(transformer, enc, step, tcfg, scheduler, optimizer, params)
+        sync()
+        elapsed = time.perf_counter() - t0
+    except torch.cuda.OutOfMemoryError:
+        row.error = "out of memory"
+        return row
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        if cuda:
+            torch.cuda.empty_cache()
+    row.s_per_step = elapsed / args.steps
+    row.steps_per_s = 1.0 / row.s_per_step
+    row.tflops = flops.step / row.s_per_step / 1e12
+    if cuda:
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    if peak:
+        row.mfu = row.tflops / peak
+        hw = (flops.step + (flops.recompute if checkpointing else 0.0)) / row.s_per_step / 1e12
+        row.hfu = hw / peak
+    return row
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a tiny transformer (smoke test, e.g. on CPU)")
+    ap.add_argument("--resolutions", type=int, nargs="+", default=None, help="default 512 1024 (tiny: 32 64)")
+    ap.add_argument("--checkpointing", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512; tiny: 16)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, if not in the table")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from providers.local import trainer
+    from providers.local.config import TrainConfig
+
+    trainer.quiet_libraries()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu --tiny for a smoke test", file=sys.stderr)
+        return 2
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    cfg = TINY if args.tiny else FLUX_DEV
+    args.resolutions = args.resolutions or ([32, 64] if args.tiny else [512, 1024])
+    args.text_tokens = args.text_tokens or (16 if args.tiny else 512)
+    for r in args.resolutions:
+        if r % 16:
+            ap.error(f"resolution {r} is not a multiple of 16")
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak, label = (args.peak_tflops, "given") if args.peak_tflops else peak_tflops(name)
+    else:
+        name, peak, label = f"cpu ({torch.get_num_threads()} threads)", args.peak_tflops, "given" if args.peak_tflops else "unknown"
+    print(f"device: {name}; bf16 dense peak: {fmt(peak, '.0f')} TFLOP/s ({label})")
+    if peak is None:
+        print("WARNING: unknown peak for this device: MFU is not reported (pass --peak-tflops)")
+    print(f"torch {torch.__version__}; dtype {dtype}; config {'tiny' if args.tiny else 'FLUX.1-dev'}; "
+          f"rank {args.rank}; batch {args.batch}; text tokens {args.text_tokens}")
+
+    t0 = time.perf_counter()
+    transformer = build_transformer(cfg, device, dtype)
+    n_params = sum(p.numel() for p in transformer.parameters())
+    trainer.add_lora(transformer, TrainConfig(steps=1, rank=args.rank))
+    n_lora = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    print(f"transformer: {n_params / 1e9:.3f} B params (random weights), LoRA {n_lora / 1e6:.2f} M params; "
+          f"built in {time.perf_counter() - t0:.1f}s")
+
+    modes = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
+    rows = []
+    for res in args.resolutions:
+        for ckpt in modes:
+            row = run_one(transformer, cfg, args, res, ckpt, device, dtype, peak)
+            rows.append(row)
+            print(f"  {res}px checkpointing={'on' if ckpt else 'off'}: "
+                  f"{fmt(row.steps_per_s, '.3f')} steps/s, peak {fmt(row.peak_gib, '.1f')} GiB"
+                  + (f" ({row.error})" if row.error else ""), flush=True)
+
+    print()
+    print(table([[str(r.resolution), "on" if r.checkpointing else "off", fmt(r.steps_per_s, ".3f"),
+                  fmt(r.s_per_step, ".3f"), fmt(r.peak_gib, ".1f"), f"{r.tflop_per_step:.3g}",
+                  fmt(r.tflops, ".1f"), fmt(r.mfu and 100 * r.mfu, ".1f"), fmt(r.hfu and 100 * r.hfu, ".1f"),
+                  r.error or ""] for r in rows],
+                ["px", "ckpt", "steps/s", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s", "MFU %", "HFU %", "note"]))
+    print("\nTFLOP/step = 2*linear_fwd + 3*attention_fwd + 3*lora_fwd (frozen base: no weight gradients);"
+          " MFU excludes, HFU includes, checkpointing's recomputed forward.")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "peak_tflops": peak, "dtype": str(dtype),
+                                         "config": "tiny" if args.tiny else "FLUX.1-dev", "rank": args.rank,
+                                         "batch": args.batch, "text_tokens": args.text_tokens,
+                                         "params": n_params, "lora_params": n_lora,
+                                         "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0 if all(r.error is None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
