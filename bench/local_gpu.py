@@ -256,6 +256,31 @@ def run_one(transformer: Any, cfg: dict[str, Any], args: argparse.Namespace, res
     return row
 
 
+def counted_flops(transformer: Any, cfg: dict[str, Any], args: argparse.Namespace, resolution: int, device: Any,
+                  dtype: Any) -> tuple[float, float]:
+    """Forward and backward FLOPs of one step as torch's FlopCounterMode counts them (matmuls and
+    attention kernels it knows), to cross-check ``step_flops``; checkpointing off."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from providers.local import trainer
+    from providers.local.config import TrainConfig
+
+    transformer.disable_gradient_checkpointing()
+    tcfg = TrainConfig(steps=1, rank=args.rank, resolution=resolution, batch_size=args.batch,
+                       max_sequence_length=args.text_tokens)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    enc = synthetic_encoded(cfg, resolution, args.text_tokens, device, dtype)
+    idx, x0, noise, indices = trainer.sample_step(enc, 0, tcfg, 1000)
+    with FlopCounterMode(display=False) as fwd:
+        loss = trainer.flow_matching_loss(transformer, enc, idx, x0, noise, indices, scheduler, 1.0)
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    transformer.zero_grad(set_to_none=True)
+    return float(fwd.get_total_flops()), float(bwd.get_total_flops())
+
+
 def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -281,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, if not in the table")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--check-flops", action="store_true",
+                    help="compare the analytic FLOPs with torch's FlopCounterMode on one step first")
     args = ap.parse_args(argv)
 
     import torch
@@ -320,6 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     n_lora = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     print(f"transformer: {n_params / 1e9:.3f} B params (random weights), LoRA {n_lora / 1e6:.2f} M params; "
           f"built in {time.perf_counter() - t0:.1f}s")
+
+    if args.check_flops:
+        res = args.resolutions[0]
+        est = step_flops(cfg, res, args.text_tokens, args.rank, args.batch)
+        fwd, bwd = counted_flops(transformer, cfg, args, res, device, dtype)
+        analytic_fwd = est.linear_fwd + est.attention_fwd + est.lora_fwd
+        print(f"FLOPs at {res}px: analytic forward {analytic_fwd:.4g}, counted {fwd:.4g} "
+              f"({fwd / analytic_fwd:.3f}x); analytic step {est.step:.4g}, counted fwd+bwd {fwd + bwd:.4g} "
+              f"({(fwd + bwd) / est.step:.3f}x)")
 
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     rows = []

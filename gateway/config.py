@@ -38,6 +38,9 @@ class ServerSettings(_Base):
     file_url_ttl_s: PosInt = 86_400
     #: run the engine's workers inside the API process
     run_workers: bool = True
+    #: how long an authenticated key is remembered in-process (0 = look it up on every request);
+    #: a key revoked by another process (the CLI) stops working within this time
+    auth_cache_s: NonNegative = 5.0
     #: bearer token for the /admin endpoints (unset: they are disabled)
     admin_token: str | None = None
 

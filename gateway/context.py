@@ -16,6 +16,7 @@ import msgspec
 import pluggy
 import structlog
 
+from gateway.authcache import AuthCache
 from gateway.config import ConfigError, Settings
 from gateway.engine.routing import CircuitBreaker, Router
 from gateway.netsafety import UrlPolicy, webhook_client
@@ -46,6 +47,7 @@ class Gateway:
     rate_limiter: RateLimiter
     url_policy: UrlPolicy
     webhook_client: httpx.AsyncClient
+    auth_cache: AuthCache
     wake: Callable[[], None] = lambda: None
     closers: list[Any] = field(default_factory=list)
 
@@ -169,6 +171,7 @@ async def open_gateway(
             rate_limiter=RateLimiter(),
             url_policy=url_policy,
             webhook_client=webhook_http,
+            auth_cache=AuthCache(settings.server.auth_cache_s),
         )
         yield gw
     finally:

@@ -59,7 +59,7 @@ async def test_unknown_key_is_401_invalid_api_key(api: Api) -> None:
 
 async def test_revoked_key_is_401_invalid_api_key(api: Api) -> None:
     assert (await api.client.get("/v2/me", headers=api.h())).status_code == 200
-    assert await accounts.revoke_key(api.gw.db, await _key_id(api))
+    assert await accounts.revoke_key(api.gw.db, await _key_id(api), api.gw.auth_cache)
     r = await api.client.get("/v2/me", headers=api.h())
     _only_error(r, 401, "Invalid API key")
     r = await api.client.get("/v2/loras", headers=api.h())
@@ -68,19 +68,19 @@ async def test_revoked_key_is_401_invalid_api_key(api: Api) -> None:
 
 async def test_inactive_key_is_403_and_can_be_reactivated(api: Api) -> None:
     key_id = await _key_id(api)
-    assert await accounts.set_key_active(api.gw.db, key_id, False)
+    assert await accounts.set_key_active(api.gw.db, key_id, False, api.gw.auth_cache)
     r = await api.client.get("/v2/me", headers=api.h())
     _only_error(r, 403, "API key is inactive")
     r = await api.client.post("/v2/images/generate", headers=api.h(), json={})
     _only_error(r, 403, "API key is inactive")
-    assert await accounts.set_key_active(api.gw.db, key_id, True)
+    assert await accounts.set_key_active(api.gw.db, key_id, True, api.gw.auth_cache)
     assert (await api.client.get("/v2/me", headers=api.h())).status_code == 200
 
 
 async def test_revoked_beats_inactive(api: Api) -> None:
     key_id = await _key_id(api)
-    await accounts.set_key_active(api.gw.db, key_id, False)
-    await accounts.revoke_key(api.gw.db, key_id)
+    await accounts.set_key_active(api.gw.db, key_id, False, api.gw.auth_cache)
+    await accounts.revoke_key(api.gw.db, key_id, api.gw.auth_cache)
     _only_error(await api.client.get("/v2/me", headers=api.h()), 401, "Invalid API key")
 
 
@@ -306,3 +306,30 @@ async def test_internal_error_never_leaks_a_traceback(api: Api, monkeypatch: pyt
     assert r.json() == {"error": "Internal server error"}
     assert "secret-internal-detail" not in r.text and "Traceback" not in r.text
     assert r.headers.get("x-request-id")
+
+
+def test_auth_cache_expires_and_clears() -> None:
+    from gateway.authcache import AuthCache
+    from gateway.store.models import ApiKey, Principal
+
+    t = [0.0]
+    cache = AuthCache(5.0, clock=lambda: t[0])
+    key = ApiKey(id="k", team_id="t", user_id="u", name="n", prefix="afk_x", digest=b"d", active=True,
+                 created_at=0.0, revoked_at=None)
+    p = Principal(key=key, team_id="t", user_id="u")
+    cache.put(b"d", p)
+    assert cache.get(b"d") is p
+    t[0] = 5.0  # a revoke made by another process (the CLI) applies once the entry expires
+    assert cache.get(b"d") is None
+    cache.put(b"d", p)
+    cache.clear()
+    assert cache.get(b"d") is None
+    assert AuthCache(0).get(b"d") is None  # 0 = off
+
+
+async def test_revoked_key_from_another_process_stops_within_the_cache_time(make_api) -> None:
+    async with make_api(server={"auth_cache_s": 0}) as api:
+        assert (await api.client.get("/v2/me", headers=api.h())).status_code == 200
+        key_id = (await api.client.get("/v2/me", headers=api.h())).json()["apiKey"]["id"]
+        await accounts.revoke_key(api.gw.db, key_id)  # no cache handed over: like the CLI
+        assert (await api.client.get("/v2/me", headers=api.h())).status_code == 401

@@ -25,6 +25,6 @@ def raw_key(request: Request) -> str | None:
 
 async def caller(request: Request) -> Principal:
     gw = gateway(request)
-    principal = await accounts.authenticate(gw.db, raw_key(request))
+    principal = await accounts.authenticate(gw.db, raw_key(request), gw.auth_cache)
     accounts.check_rate(gw, principal)
     return principal

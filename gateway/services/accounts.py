@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from gateway.authcache import AuthCache
 from gateway.errors import Forbidden, NotFound, RateLimited, Unauthorized
 from gateway.keys import display_prefix, generate_key, key_digest
 from gateway.store import teams as teams_store
@@ -22,17 +23,23 @@ class NewKey(msgspec.Struct, frozen=True, kw_only=True):
     record: ApiKey
 
 
-async def authenticate(db: Database, raw_key: str | None) -> Principal:
+async def authenticate(db: Database, raw_key: str | None, cache: AuthCache | None = None) -> Principal:
     if not raw_key:
         raise Unauthorized("API key is required")
+    digest = key_digest(raw_key)
+    if cache is not None and (hit := cache.get(digest)) is not None:
+        return hit
     async with db.read() as conn:
-        found = await teams_store.key_with_team_limit(conn, key_digest(raw_key))
+        found = await teams_store.key_with_team_limit(conn, digest)
     if found is None or found[0].revoked_at is not None:
         raise Unauthorized("Invalid API key")
     key, team_rate = found
     if not key.active:
         raise Forbidden("API key is inactive")
-    return Principal(key=key, team_id=key.team_id, user_id=key.user_id, rate_limit_per_minute=team_rate)
+    principal = Principal(key=key, team_id=key.team_id, user_id=key.user_id, rate_limit_per_minute=team_rate)
+    if cache is not None:
+        cache.put(digest, principal)
+    return principal
 
 
 def check_rate(gw: Any, principal: Principal) -> None:
@@ -92,16 +99,21 @@ async def create_key(db: Database, team_id: str, name: str) -> NewKey:
     return new
 
 
-async def revoke_key(db: Database, key_id: str) -> bool:
+async def revoke_key(db: Database, key_id: str, cache: AuthCache | None = None) -> bool:
     async with db.tx() as conn:
         done = await teams_store.revoke_key(conn, key_id)
+    if cache is not None:
+        cache.clear()
     log.info("key_revoked", key_id=key_id, changed=done)
     return done
 
 
-async def set_key_active(db: Database, key_id: str, active: bool) -> bool:
+async def set_key_active(db: Database, key_id: str, active: bool, cache: AuthCache | None = None) -> bool:
     async with db.tx() as conn:
-        return await teams_store.set_key_active(conn, key_id, active)
+        done = await teams_store.set_key_active(conn, key_id, active)
+    if cache is not None:
+        cache.clear()
+    return done
 
 
 async def add_credits(db: Database, team_id: str, amount: int, reason: str) -> Team:
