@@ -46,6 +46,7 @@ A100 312, L40S 362; others are flagged unknown (pass ``--peak-tflops``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -95,20 +96,30 @@ def peak_tflops(device_name: str) -> tuple[float | None, str]:
 @dataclass
 class Flops:
     linear_fwd: float
+    linear_bwd: float
     attention_fwd: float
     lora_fwd: float
+    lora_bwd: float
     image_tokens: int
     text_tokens: int
 
     @property
+    def forward(self) -> float:
+        return self.linear_fwd + self.attention_fwd + self.lora_fwd
+
+    @property
+    def backward(self) -> float:
+        return self.linear_bwd + 2 * self.attention_fwd + self.lora_bwd
+
+    @property
     def step(self) -> float:
         """Model FLOPs of one training step (forward + backward, frozen base, no recompute)."""
-        return 2 * self.linear_fwd + 3 * self.attention_fwd + 3 * self.lora_fwd
+        return self.forward + self.backward
 
     @property
     def recompute(self) -> float:
         """Extra FLOPs gradient checkpointing spends re-running block forwards (hardware, not model)."""
-        return self.linear_fwd + self.attention_fwd + self.lora_fwd
+        return self.forward
 
 
 def step_flops(cfg: dict[str, Any], resolution: int, text_tokens: int, rank: int, batch: int = 1,
@@ -122,26 +133,34 @@ def step_flops(cfg: dict[str, Any], resolution: int, text_tokens: int, rank: int
     tt = text_tokens
     t = ti + tt
     # multiply-adds per sample
-    per_token = (
-        ti * c * d + tt * j * d  # x_embedder, context_embedder
-        + n_double * (ti + tt) * (4 * d * d + 2 * d * m)  # each stream through its own weights
-        + n_single * t * (3 * d * d + d * m + (d + m) * d)  # q, k, v; proj_mlp; proj_out
-        + ti * d * c  # proj_out
-    )
+    embed = ti * c * d + tt * j * d  # x_embedder, context_embedder: their inputs need no gradient
+    blocks = (n_double * (ti + tt) * (4 * d * d + 2 * d * m)  # each stream through its own weights
+              + n_single * t * (3 * d * d + d * m + (d + m) * d))  # q, k, v; proj_mlp; proj_out (5D -> D)
+    head = ti * d * c  # proj_out
     per_sample = (  # timestep/guidance/text embedders (256->D->D, 256->D->D, P->D->D), AdaLN modulations
         2 * (256 * d + d * d) + (p * d + d * d)
         + n_double * 2 * d * 6 * d + n_single * d * 3 * d + d * 2 * d
     )
-    linear_fwd = 2.0 * batch * (per_token + per_sample)
+    # no gradient flows into the first block's q/k/v projections either (their input is still
+    # constant: the first LoRA is in them), nor into anything per-sample
+    first_qkv = 3 * (ti + tt) * d * d if n_double else 3 * t * d * d
+    linear_fwd = 2.0 * batch * (embed + blocks + head + per_sample)
+    linear_bwd = 2.0 * batch * (blocks - first_qkv + head)
     attention_fwd = 4.0 * batch * t * t * d * (n_double + n_single)
-    lora_layers_tokens = 0  # sum over adapted layers of tokens x (in + out)
+    lora_fwd_macs = 0.0  # per adapted layer: tokens x r x (in + out)
+    lora_bwd_macs = 0.0  # weight grads r x (in + out), input grads r x out (+ r x in when the input needs one)
     for name in targets:
-        if name in ("to_q", "to_k", "to_v", "to_out.0"):  # image stream in double blocks (+ single blocks)
-            lora_layers_tokens += n_double * ti * 2 * d
-            if name != "to_out.0":
-                lora_layers_tokens += n_single * t * 2 * d
-    lora_fwd = 2.0 * batch * rank * lora_layers_tokens
-    return Flops(linear_fwd, attention_fwd, lora_fwd, ti, tt)
+        if name not in ("to_q", "to_k", "to_v", "to_out.0"):
+            continue  # only the default attention targets are modelled
+        layers = [(ti, n_double)] + ([(t, n_single)] if name != "to_out.0" else [])
+        for tokens, count in layers:
+            lora_fwd_macs += count * tokens * rank * 2 * d
+            lora_bwd_macs += count * tokens * rank * (2 * d + d + d)
+        if name != "to_out.0":  # block 0's q/k/v: the input needs no gradient
+            first_tokens = ti if n_double else t
+            lora_bwd_macs -= first_tokens * rank * d
+    return Flops(linear_fwd, linear_bwd, attention_fwd, 2.0 * batch * lora_fwd_macs, 2.0 * batch * lora_bwd_macs,
+                 ti, tt)
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -172,7 +191,7 @@ def build_transformer(cfg: dict[str, Any], device: Any, dtype: Any) -> Any:
             model = FluxTransformer2DModel(**cfg)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device)
 
 
 def synthetic_encoded(cfg: dict[str, Any], resolution: int, text_tokens: int, device: Any, dtype: Any,
@@ -257,10 +276,10 @@ def run_one(transformer: Any, cfg: dict[str, Any], args: argparse.Namespace, res
 
 
 def counted_flops(transformer: Any, cfg: dict[str, Any], args: argparse.Namespace, resolution: int, device: Any,
-                  dtype: Any) -> tuple[float, float]:
-    """Forward and backward FLOPs of one step as torch's FlopCounterMode counts them (matmuls and
-    attention kernels it knows), to cross-check ``step_flops``; checkpointing off."""
-    import torch
+                  dtype: Any) -> dict[str, float]:
+    """One step's FLOPs as torch's FlopCounterMode counts them, forward and backward, to cross-check
+    ``step_flops`` (checkpointing off). It knows the CUDA flash / memory-efficient attention kernels;
+    on CPU the math attention backend is used, whose matmuls it counts."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -273,12 +292,23 @@ def counted_flops(transformer: Any, cfg: dict[str, Any], args: argparse.Namespac
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
     enc = synthetic_encoded(cfg, resolution, args.text_tokens, device, dtype)
     idx, x0, noise, indices = trainer.sample_step(enc, 0, tcfg, 1000)
-    with FlopCounterMode(display=False) as fwd:
-        loss = trainer.flow_matching_loss(transformer, enc, idx, x0, noise, indices, scheduler, 1.0)
-    with FlopCounterMode(display=False) as bwd:
-        loss.backward()
+    kernel = contextlib.nullcontext()
+    if device.type != "cuda":  # the math attention is plain matmuls, which the counter sees
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    with kernel:
+        with FlopCounterMode(display=False) as fwd:
+            loss = trainer.flow_matching_loss(transformer, enc, idx, x0, noise, indices, scheduler, 1.0)
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
     transformer.zero_grad(set_to_none=True)
-    return float(fwd.get_total_flops()), float(bwd.get_total_flops())
+    out: dict[str, float] = {}
+    for phase, counter in (("fwd", fwd), ("bwd", bwd)):
+        for op, n in counter.get_flop_counts().get("Global", {}).items():
+            kind = "attention" if "attention" in str(op) else "matmul"
+            out[f"{kind}_{phase}"] = out.get(f"{kind}_{phase}", 0.0) + float(n)
+    return out
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -351,11 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_flops:
         res = args.resolutions[0]
         est = step_flops(cfg, res, args.text_tokens, args.rank, args.batch)
-        fwd, bwd = counted_flops(transformer, cfg, args, res, device, dtype)
-        analytic_fwd = est.linear_fwd + est.attention_fwd + est.lora_fwd
-        print(f"FLOPs at {res}px: analytic forward {analytic_fwd:.4g}, counted {fwd:.4g} "
-              f"({fwd / analytic_fwd:.3f}x); analytic step {est.step:.4g}, counted fwd+bwd {fwd + bwd:.4g} "
-              f"({(fwd + bwd) / est.step:.3f}x)")
+        got = counted_flops(transformer, cfg, args, res, device, dtype)
+        pairs = [("forward", est.forward, got.get("matmul_fwd", 0.0) + got.get("attention_fwd", 0.0)),
+                 ("backward", est.backward, got.get("matmul_bwd", 0.0) + got.get("attention_bwd", 0.0))]
+        print(f"FLOPs check at {res}px (analytic vs torch FlopCounterMode, checkpointing off):")
+        for what, a, c in pairs:
+            print(f"  {what:9s} {a:.5g} vs {c:.5g}  ({c / a:.4f}x)")
 
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     rows = []

@@ -10,6 +10,7 @@ anything is decoded, and it is fully decoded to catch truncated or corrupt files
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser, par
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_FIELD = "images"
+#: image checks (a full decode each) that run at once, in threads, while the body streams
+CHECKS_AT_ONCE = 2
 _MB = 1024 * 1024
 _EXIF_ORIENTATION = 0x0112
 _FORMAT_NAMES = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
@@ -171,6 +174,10 @@ class _Receiver:
         self.image_parts = 0
         self.image_bytes = 0
         self.part: _Part | None = None
+        # image checks run in threads while the body keeps streaming (at most CHECKS at once)
+        self._slots = asyncio.Semaphore(CHECKS_AT_ONCE)
+        self._checks: list[asyncio.Task[None]] = []
+        self._failure: BaseException | None = None
 
     def start(self, seg: MultipartSegment) -> None:
         """A part's headers arrived: apply the count and naming rules, open its sink."""
@@ -234,13 +241,39 @@ class _Receiver:
             return
         assert part.file is not None and part.path is not None
         part.file.close()
+        self.raise_failure()
+        await self._slots.acquire()  # back-pressure: stop reading while CHECKS_AT_ONCE run
+        self._checks.append(asyncio.ensure_future(self._check(part)))
+
+    async def _check(self, part: _Part) -> None:
         try:
             fmt, width, height = await anyio.to_thread.run_sync(_inspect_image, part.path, self.limits)
+            self.images.append(ReceivedImage(index=part.index, filename=part.filename, path=part.path,
+                                             size=part.size, format=fmt, width=width, height=height,
+                                             sha256=part.digest.hexdigest()))
         except _BadImage as bad:
-            raise UploadRejected(f"{_label(part.index, part.filename)}: {bad}") from None
-        self.images.append(ReceivedImage(index=part.index, filename=part.filename, path=part.path,
-                                         size=part.size, format=fmt, width=width, height=height,
-                                         sha256=part.digest.hexdigest()))
+            if self._failure is None:
+                self._failure = UploadRejected(f"{_label(part.index, part.filename)}: {bad}")
+        except BaseException as e:  # noqa: BLE001 - re-raised by the receiving task
+            if self._failure is None:
+                self._failure = e
+        finally:
+            self._slots.release()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def finish(self) -> None:
+        """Wait for every image check; raise the first failure; images in body order."""
+        await self.drain()
+        self.raise_failure()
+        self.images.sort(key=lambda i: i.index)
+
+    async def drain(self) -> None:
+        """Wait for the checks still running (they hold files in the temp dir)."""
+        if self._checks:
+            await asyncio.shield(asyncio.gather(*self._checks, return_exceptions=True))
 
     def close(self) -> None:
         """Close the open temp file, if any (the caller removes the directory)."""
@@ -284,7 +317,9 @@ async def receive_upload(
                         await receiver.end()
                     else:
                         receiver.data(event)
+                receiver.raise_failure()  # an image check failed: stop reading now
             parser.close()  # raises unless the closing boundary was seen
+            await receiver.finish()
         except MultipartError as err:
             reason = str(err.args[0]) if err.args else type(err).__name__
             raise UploadRejected(f"malformed multipart body: {reason[:1].lower()}{reason[1:]}", path="body") from None
@@ -297,5 +332,6 @@ async def receive_upload(
             fields=receiver.fields, images=receiver.images, total_bytes=receiver.image_bytes, tmp_dir=tmp_dir
         )
     except BaseException:
+        await receiver.drain()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
