@@ -246,3 +246,103 @@ async def test_ambiguous_submission_is_reconciled_not_resubmitted(make_api) -> N
         assert provider.submissions() == [tries[0].id]  # one training at the vendor
         assert provider.submit_calls == 1
         assert await ledger(api) == [(-2, "lora_create"), (-255, "lora_training")]
+
+
+class TimeoutNoLookup(SandboxProvider):
+    """Times out on submit after the request arrived, and cannot look jobs up."""
+
+    name = "blind"
+
+    def __init__(self, config, setup):  # type: ignore[no-untyped-def]
+        super().__init__(config, setup)
+        c = self.capabilities
+        from providers.base import Capabilities
+
+        self.capabilities = Capabilities(training=c.training, inference=c.inference, cost=c.cost,
+                                         can_lookup=False, can_cancel=False)
+
+    async def start_training(self, spec, dataset):  # type: ignore[override]
+        await super().start_training(spec, dataset)  # it arrived ...
+        from providers.base import ProviderTimeout
+
+        raise ProviderTimeout("read timeout after sending")  # ... but we never heard back
+
+
+class TimeoutThenLookup(SandboxProvider):
+    """Times out on the first submit after the request arrived; can look jobs up."""
+
+    name = "lookup"
+    timeouts = 1
+
+    async def start_training(self, spec, dataset):  # type: ignore[override]
+        result = await super().start_training(spec, dataset)
+        if TimeoutThenLookup.timeouts:
+            TimeoutThenLookup.timeouts -= 1
+            from providers.base import ProviderTimeout
+
+            raise ProviderTimeout("read timeout after sending")
+        return result
+
+
+class FlakyFetch(SandboxProvider):
+    """Training works; copying the weights fails twice first."""
+
+    name = "flakyfetch"
+    failures = 2
+
+    async def fetch_file(self, url, dest, *, max_bytes):  # type: ignore[override]
+        if FlakyFetch.failures:
+            FlakyFetch.failures -= 1
+            raise ProviderUnavailable("CDN answered 503")
+        await super().fetch_file(url, dest, max_bytes=max_bytes)
+
+
+class MorePlugins:
+    @hookimpl
+    def register_providers(self, register):
+        register(TimeoutNoLookup)
+        register(TimeoutThenLookup)
+        register(FlakyFetch)
+
+
+def _route(*names: str, **sandbox_opts) -> dict:
+    opts = {"training_seconds": 0.1, "queue_seconds": 0, **sandbox_opts}
+    return dict(
+        plugins=(MorePlugins(),),
+        providers={n: dict(opts) for n in names},
+        routing={"training": {"providers": list(names)}, "inference": {"providers": ["sandbox"] if "sandbox" in names else [names[0]]}},
+        engine={"min_poll_interval_s": 0.05, "max_poll_interval_s": 0.1, "poll_interval_s": 0.05},
+    )
+
+
+async def test_ambiguous_submit_without_lookup_is_never_resent_to_that_provider(make_api) -> None:
+    async with make_api(**_route("blind", "sandbox")) as api:
+        lora = await api.ready_lora()
+        tries = await attempts(api, "lora", lora["id"])
+        assert [(a.provider, a.state) for a in tries] == [("blind", "unknown"), ("sandbox", "succeeded")]
+        assert api.gw.providers["blind"].submit_calls == 1
+    async with make_api(**_route("blind")) as api:  # nowhere else to go: it fails, refunded
+        r = await api.create_lora()
+        lora = await api.wait_lora(r.json()["id"])
+        assert lora["status"] == "FAILED" and "outcome unknown" in lora["error"]
+        assert api.gw.providers["blind"].submit_calls == 1
+
+
+async def test_ambiguous_submit_with_lookup_is_reconciled(make_api) -> None:
+    TimeoutThenLookup.timeouts = 1
+    async with make_api(**_route("lookup")) as api:
+        lora = await api.ready_lora()
+        provider = api.gw.providers["lookup"]
+        tries = await attempts(api, "lora", lora["id"])
+        assert [(a.provider, a.state) for a in tries] == [("lookup", "succeeded")]
+        assert provider.submit_calls == 1 and provider.submissions() == [tries[0].id]
+
+
+async def test_artifact_copy_is_retried_before_retraining(make_api) -> None:
+    FlakyFetch.failures = 2
+    async with make_api(**_route("flakyfetch")) as api:
+        lora = await api.ready_lora()
+        tries = await attempts(api, "lora", lora["id"])
+        assert [a.state for a in tries] == ["succeeded"]  # no second training
+        assert api.gw.providers["flakyfetch"].submit_calls == 1
+        assert lora["hasWeights"]

@@ -23,7 +23,7 @@ from gateway.store import work
 from gateway.store.models import Attempt, Job, JobImage, Lora
 from gateway.timeutil import new_id, now
 from gateway.triggers import apply_trigger
-from providers.base import GenerationSpec, GenerationStatus, LoraHandle, Provider, ProviderError
+from providers.base import GenerationSpec, GenerationStatus, LoraHandle, Provider, ProviderError, ProviderTimeout
 
 log = structlog.get_logger()
 
@@ -118,9 +118,11 @@ async def _submit(gw: Gateway, job: Job, owner: str) -> bool:
         num_outputs=p.get("num_outputs", 1), aspect_ratio=p.get("aspect_ratio") or "1:1",
         portable=lora.portable, trained_by=handle.trained_by,
     )
-    provider = gw.router.pick_inference(needs, [a.provider for a in attempts])
+    unknown = {a.provider for a in attempts if a.state == "unknown"}
+    provider = gw.router.pick_inference(needs, [a.provider for a in attempts], exclude=unknown)
     if provider is None:
-        await _fail(gw, job, owner, "no configured provider can generate with this LoRA and these parameters")
+        reason = next((a.error for a in reversed(attempts) if a.error), None) if unknown else None
+        await _fail(gw, job, owner, reason or "no configured provider can generate with this LoRA and these parameters")
         return False
     attempt = Attempt(
         id=new_id(), owner_kind="job", owner_id=job.id, seq=len(attempts) + 1, provider=provider.name,
@@ -139,10 +141,20 @@ async def _send(gw: Gateway, job: Job, owner: str, provider: Provider, attempt: 
     log.info("generation_submitting", provider=provider.name, attempt=attempt.seq)
     try:
         status = await provider.generate(spec, handle)
+    except ProviderTimeout as e:
+        # ambiguous: it may have arrived. Never send it blindly again.
+        gw.router.breaker.failure(provider.name)
+        log.warning("submission_ambiguous", provider=provider.name, error=e.message)
+        if provider.capabilities.can_lookup:  # stays 'submitting': _reconcile asks the provider
+            async with gw.db.tx() as conn:
+                await _update(conn, job, owner, next_run_at=now() + gw.settings.engine.min_poll_interval_s,
+                              lease_owner=None, lease_expires=None)
+            return False
+        return await _attempt_failed(gw, job, owner, attempt, f"submission outcome unknown: {e.message}", True, unknown=True)
     except ProviderError as e:
         gw.router.breaker.failure(provider.name)
         log.warning("provider_call_failed", provider=provider.name, call="generate", error=e.message)
-        return await _attempt_failed(gw, job, owner, attempt, e.message, e.retryable)
+        return await _attempt_failed(gw, job, owner, attempt, e.message, e.retryable, delay=getattr(e, "retry_after", None))
     return await _handle_status(gw, job, owner, provider, attempt, status, spec.output_format)
 
 
@@ -151,7 +163,8 @@ async def _reconcile(gw: Gateway, job: Job, owner: str, attempt: Attempt, handle
     provider = gw.providers.get(attempt.provider)
     if provider is None or not provider.capabilities.can_lookup:
         # cannot ask: do not send blindly again to it; the job moves on within its budget
-        return await _attempt_failed(gw, job, owner, attempt, "generation outcome unknown after an interruption", True)
+        return await _attempt_failed(gw, job, owner, attempt, "generation outcome unknown after an interruption", True,
+                                     unknown=True)
     try:
         found = await provider.lookup_generation(attempt.id)
     except ProviderError as e:
@@ -179,6 +192,11 @@ async def _poll(gw: Gateway, job: Job, owner: str) -> bool:
         log.warning("provider_call_failed", provider=provider.name, call="generation_status", error=e.message)
         if not e.retryable:
             return await _attempt_failed(gw, job, owner, attempt, e.message, False)
+        retry_after = getattr(e, "retry_after", None)
+        if retry_after:
+            async with gw.db.tx() as conn:
+                await _update(conn, job, owner, next_run_at=now() + retry_after, lease_owner=None, lease_expires=None)
+            return False
         status = GenerationStatus(state="running", ref=attempt.provider_ref, progress=attempt.progress)
     return await _handle_status(gw, job, owner, provider, attempt, status, job.input["fluxLoraParams"].get("output_format") or "png")
 
@@ -243,11 +261,16 @@ async def _store(
     return False
 
 
-async def _attempt_failed(gw: Gateway, job: Job, owner: str, attempt: Attempt, error: str, retryable: bool) -> bool:
+async def _attempt_failed(
+    gw: Gateway, job: Job, owner: str, attempt: Attempt, error: str, retryable: bool,
+    *, delay: float | None = None, unknown: bool = False,
+) -> bool:
     async with gw.db.tx() as conn:
-        await work.update_attempt(conn, attempt.id, state="failed", error=error[:500], retryable=retryable, finished_at=now())
+        await work.update_attempt(conn, attempt.id, state="unknown" if unknown else "failed", error=error[:500],
+                                  retryable=retryable, finished_at=now())
         if retryable and job.attempts_used < gw.settings.engine.max_attempts:
-            await _update(conn, job, owner, stage="submit", lease_owner=None, lease_expires=None, next_run_at=now())
+            await _update(conn, job, owner, stage="submit", lease_owner=None, lease_expires=None,
+                          next_run_at=now() + (delay or 0))
             log.info("attempt_fallback", provider=attempt.provider, error=error)
             return False
     await _fail(gw, job, owner, error)

@@ -29,12 +29,14 @@ from gateway.store import work
 from gateway.store.models import Artifact, Attempt, Lora
 from gateway.timeutil import new_id, now
 from plugins.captioners.base import CaptionContext
-from providers.base import Dataset, Provider, ProviderError, TrainingSpec
+from providers.base import Dataset, Provider, ProviderError, ProviderTimeout, TrainingSpec
 
 log = structlog.get_logger()
 
 TRAINING_FEE = 255
 CREATE_FEE = 2
+#: tries to copy a finished training's weights before the attempt counts as failed
+FETCH_TRIES = 5
 
 
 class LeaseLost(Exception):
@@ -159,9 +161,12 @@ async def _submit(gw: Gateway, lora: Lora, owner: str) -> bool:
         await _fail(gw, lora, owner, _last_error(attempts) or "no provider could train this LoRA")
         return False
     needs = TrainingNeeds(lora.subject_kind, lora.steps, lora.lora_rank)
-    provider = gw.router.pick_training(needs, [a.provider for a in attempts])
+    # a provider that may hold a job we cannot find again is not sent another one
+    unknown = {a.provider for a in attempts if a.state == "unknown"}
+    provider = gw.router.pick_training(needs, [a.provider for a in attempts], exclude=unknown)
     if provider is None:
-        await _fail(gw, lora, owner, "no configured provider can train this LoRA (subject kind, steps or rank)")
+        reason = _last_error(attempts) if unknown else None
+        await _fail(gw, lora, owner, reason or "no configured provider can train this LoRA (subject kind, steps or rank)")
         return False
 
     attempt = Attempt(
@@ -193,6 +198,16 @@ async def _send(gw: Gateway, lora: Lora, owner: str, provider: Provider, attempt
     log.info("training_submitting", provider=provider.name, attempt=attempt.seq)
     try:
         submission = await provider.start_training(spec, dataset)
+    except ProviderTimeout as e:
+        # ambiguous: the request may have arrived. Never send it blindly again.
+        gw.router.breaker.failure(provider.name)
+        log.warning("submission_ambiguous", provider=provider.name, error=e.message)
+        if provider.capabilities.can_lookup:  # keep it 'submitting': _reconcile asks the provider
+            async with gw.db.tx() as conn:
+                await _update(conn, lora, owner, next_run_at=now() + gw.settings.engine.min_poll_interval_s,
+                              lease_owner=None, lease_expires=None)
+            return False
+        return await _attempt_failed(gw, lora, owner, attempt, f"submission outcome unknown: {e.message}", True, unknown=True)
     except ProviderError as e:
         gw.router.breaker.failure(provider.name)
         log.warning("provider_call_failed", provider=provider.name, call="start_training", error=e.message, retryable=e.retryable)
@@ -245,9 +260,7 @@ async def _reconcile(gw: Gateway, lora: Lora, owner: str, attempt: Attempt) -> b
             )
         return False
     # the provider cannot tell us: do not resubmit blindly to it; move on to another provider
-    return await _attempt_failed(
-        gw, lora, owner, attempt, "submission outcome unknown after an interruption", True, exclude_retry=True
-    )
+    return await _attempt_failed(gw, lora, owner, attempt, "submission outcome unknown after an interruption", True, unknown=True)
 
 
 # --------------------------------------------------------------------------- poll / fetch
@@ -282,7 +295,7 @@ async def _poll(gw: Gateway, lora: Lora, owner: str) -> bool:
 
     if status.state == "succeeded":
         async with gw.db.tx() as conn:
-            await work.update_attempt(conn, attempt.id, state="succeeded", progress=1.0, finished_at=now())
+            await work.update_attempt(conn, attempt.id, state="succeeded", progress=1.0, finished_at=now(), polls=0)
             await _update(conn, lora, owner, stage="fetch")
         gw.router.breaker.success(provider.name)
         log.info("training_succeeded", provider=provider.name)
@@ -335,7 +348,13 @@ async def _fetch(gw: Gateway, lora: Lora, owner: str) -> bool:
             await gw.storage.put_file(key, dest, move=True)
     except (ProviderError, ArtifactInvalid, OSError) as e:
         message = getattr(e, "message", None) or str(e)
-        log.warning("artifact_fetch_failed", provider=provider.name, error=message)
+        log.warning("artifact_fetch_failed", provider=provider.name, error=message, tries=attempt.polls + 1)
+        if attempt.polls + 1 < FETCH_TRIES:  # copy again later; retraining is the last resort
+            async with gw.db.tx() as conn:
+                await work.update_attempt(conn, attempt.id, polls=attempt.polls + 1)
+                await _update(conn, lora, owner, next_run_at=now() + _poll_delay(gw, attempt.polls),
+                              lease_owner=None, lease_expires=None)
+            return False
         return await _attempt_failed(gw, lora, owner, attempt, f"the trained weights could not be copied: {message}", True)
     artifact = Artifact(
         id=new_id(), lora_id=lora.id, sha256=info.sha256, size=info.size, format=info.format,
@@ -364,11 +383,15 @@ async def _ready(gw: Gateway, lora: Lora, owner: str, artifact: Artifact | None)
 
 async def _attempt_failed(
     gw: Gateway, lora: Lora, owner: str, attempt: Attempt, error: str, retryable: bool,
-    *, delay: float | None = None, exclude_retry: bool = False,
+    *, delay: float | None = None, unknown: bool = False,
 ) -> bool:
-    """Close an attempt; fall back to the next provider when the failure allows it."""
+    """Close an attempt; fall back to the next provider when the failure allows it.
+
+    ``unknown``: the provider may have the job but cannot be asked (an ambiguous submit to a
+    provider without lookup); the attempt is marked so and that provider is not used again."""
     async with gw.db.tx() as conn:
-        await work.update_attempt(conn, attempt.id, state="failed", error=error[:500], retryable=retryable, finished_at=now())
+        await work.update_attempt(conn, attempt.id, state="unknown" if unknown else "failed", error=error[:500],
+                                  retryable=retryable, finished_at=now())
         if retryable and lora.attempts_used < gw.settings.engine.max_attempts:
             await _update(conn, lora, owner, stage="submit", next_run_at=now() + (delay or 0), lease_owner=None, lease_expires=None)
             log.info("attempt_fallback", provider=attempt.provider, error=error)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from gateway.config import RouteSettings
 from providers.base import Provider
@@ -97,8 +97,10 @@ class Router:
         healthy = [p for p in ranked if self.breaker.healthy(p.name)]
         return healthy + [p for p in ranked if p not in healthy]
 
-    def _pick(self, ordered: list[Provider], tried: Sequence[str]) -> Provider | None:
-        """The first provider not tried yet; when all were tried, the least-tried one."""
+    def _pick(self, ordered: list[Provider], tried: Sequence[str], exclude: Collection[str] = ()) -> Provider | None:
+        """The first provider not tried yet; when all were tried, the least-tried one.
+        ``exclude``d providers are never picked."""
+        ordered = [p for p in ordered if p.name not in exclude]
         for p in ordered:
             if p.name not in tried:
                 return p
@@ -119,8 +121,8 @@ class Router:
         eligible = [p for p in eligible if self.can_generate(p, needs)]
         return self._order(self.inference, eligible, lambda p: p.capabilities.cost.per_image * needs.num_outputs)
 
-    def pick_training(self, needs: TrainingNeeds, tried: Sequence[str]) -> Provider | None:
-        return self._pick(self.training_order(needs), tried)
+    def pick_training(self, needs: TrainingNeeds, tried: Sequence[str], exclude: Collection[str] = ()) -> Provider | None:
+        return self._pick(self.training_order(needs), tried, exclude)
 
-    def pick_inference(self, needs: InferenceNeeds, tried: Sequence[str]) -> Provider | None:
-        return self._pick(self.inference_order(needs), tried)
+    def pick_inference(self, needs: InferenceNeeds, tried: Sequence[str], exclude: Collection[str] = ()) -> Provider | None:
+        return self._pick(self.inference_order(needs), tried, exclude)

@@ -33,6 +33,7 @@ class Engine:
         self._wake = anyio.Event()
         self._deliveries_due = anyio.Event()
         self._inflight: set[tuple[str, str]] = set()
+        self._rerun: set[tuple[str, str]] = set()
         self.ready = False
         self.deliverer = Deliverer(
             gw.db, gw.settings.webhooks, gw.webhook_client, self.owner, lease_s=gw.settings.engine.lease_s
@@ -56,6 +57,11 @@ class Engine:
                     free = e.concurrency - len(self._inflight)
                     if free > 0:
                         for kind, row in await self._claim(free):
+                            if (kind, row.id) in self._inflight:
+                                # its task released it a moment ago and is still finishing:
+                                # that task runs it again, so one row never runs twice at once
+                                self._rerun.add((kind, row.id))
+                                continue
                             self._inflight.add((kind, row.id))
                             tg.start_soon(self._run_one, kind, row)
                     with anyio.move_on_after(e.poll_interval_s):
@@ -80,10 +86,16 @@ class Engine:
         normal return; a lease a step failed to release expires, since the heartbeat renews
         only rows in flight."""
         try:
-            if kind == "lora":
-                await loras.step(self.gw, row.id, self.owner, row)
-            else:
-                await jobs.step(self.gw, row.id, self.owner, row)
+            claimed = row
+            while True:
+                if kind == "lora":
+                    await loras.step(self.gw, row.id, self.owner, claimed)
+                else:
+                    await jobs.step(self.gw, row.id, self.owner, claimed)
+                if (kind, row.id) not in self._rerun:
+                    break
+                self._rerun.discard((kind, row.id))
+                claimed = None  # re-read: it was claimed again while this task finished
         except LeaseLost:
             log.info("lease_lost", kind=kind, id=row.id)
         except Exception:
@@ -92,6 +104,7 @@ class Engine:
             async with self.gw.db.tx() as conn:
                 await work.release(conn, kind, row.id, self.owner, next_run_at=now() + self.gw.settings.engine.crash_backoff_s)
         finally:
+            self._rerun.discard((kind, row.id))
             self._inflight.discard((kind, row.id))
             self.wake()
 
