@@ -15,6 +15,7 @@ DEFAULT_PLUGINS = (
     "plugins.captioners.template",
     "plugins.captioners.openai_compat",
     "providers.sandbox",
+    "providers.wavespeed",
 )
 
 

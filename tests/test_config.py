@@ -60,6 +60,10 @@ def test_example_documents_every_key() -> None:
         assert f"captioners.template.{name}" in present
     for name in OpenAICaptionerConfig.__struct_fields__:  # documented in comments
         assert f"#   {name}:" in text
+    from providers.wavespeed import WaveSpeedConfig
+
+    for name in WaveSpeedConfig.__struct_fields__:
+        assert f"#   {name}:" in text, name
     # every value line carries a comment on it or on the line above (sections are headings)
     lines = text.splitlines()
     for i, line in enumerate(lines):
