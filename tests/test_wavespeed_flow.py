@@ -23,7 +23,6 @@ import uvicorn
 from litestar import Litestar
 from PIL import Image
 
-import providers.wavespeed as wavespeed_mod
 from tests.conftest import Api
 from tests.fakes.wavespeed import FakeWaveSpeed, serve_on_loopback
 
@@ -79,7 +78,7 @@ async def gateway(make_api: Callable[..., Any], fake: FakeWaveSpeed, base_url: s
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         server = {"public_base_url": f"http://127.0.0.1:{sock.getsockname()[1]}"} if public else {}
-        async with make_api(plugins=(wavespeed_mod,), providers={"wavespeed": cfg}, routing=ROUTING,
+        async with make_api(providers={"wavespeed": cfg}, routing=ROUTING,
                             engine={**ENGINE, **(engine or {})}, server=server) as api:
             if not public:
                 yield api
