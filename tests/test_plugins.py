@@ -4,7 +4,6 @@ and the openai captioner wired through config against a fake OpenAI-compatible s
 from __future__ import annotations
 
 import inspect
-import re
 import zipfile
 from pathlib import Path
 

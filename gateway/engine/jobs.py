@@ -15,13 +15,13 @@ import structlog
 
 from gateway import webhooks
 from gateway.context import MB, Gateway
-from gateway.engine.loras import LeaseLost
+from gateway.engine.common import LeaseLost, new_attempt, poll_delay
 from gateway.engine.routing import InferenceNeeds
 from gateway.imaging import SIZES, OutputInvalid, finalise_image
 from gateway.store import teams as teams_store
 from gateway.store import work
 from gateway.store.models import Attempt, Job, JobImage, Lora
-from gateway.timeutil import new_id, now
+from gateway.timeutil import now
 from gateway.triggers import apply_trigger
 from providers.base import GenerationSpec, GenerationStatus, LoraHandle, Provider, ProviderError, ProviderTimeout
 
@@ -124,12 +124,7 @@ async def _submit(gw: Gateway, job: Job, owner: str) -> bool:
         reason = next((a.error for a in reversed(attempts) if a.error), None) if unknown else None
         await _fail(gw, job, owner, reason or "no configured provider can generate with this LoRA and these parameters")
         return False
-    attempt = Attempt(
-        id=new_id(), owner_kind="job", owner_id=job.id, seq=len(attempts) + 1, provider=provider.name,
-        provider_ref=None, provider_trigger_word=None, state="submitting", progress=None, error=None, retryable=False,
-        cost=provider.capabilities.cost.per_image * needs.num_outputs, currency=provider.capabilities.cost.currency,
-        polls=0, created_at=now(), submitted_at=None, progressed_at=None, finished_at=None,
-    )
+    attempt = new_attempt("job", job.id, len(attempts) + 1, provider, provider.capabilities.cost.per_image * needs.num_outputs)
     async with gw.db.tx() as conn:
         await work.insert_attempt(conn, attempt)
         await _update(conn, job, owner, attempts_used=job.attempts_used + 1)
@@ -210,8 +205,7 @@ async def _handle_status(
     gw.router.breaker.success(provider.name)
     if status.state == "succeeded":
         return await _store(gw, job, owner, provider, attempt, status, fmt)
-    e = gw.settings.engine
-    delay = min(e.max_poll_interval_s, e.min_poll_interval_s * (2 ** min(attempt.polls, 16)))
+    delay = poll_delay(gw.settings.engine, attempt.polls)
     progress = int(round((status.progress or 0) * 100)) if status.progress is not None else job.progress
     async with gw.db.tx() as conn:
         await work.update_attempt(

@@ -23,6 +23,7 @@ from gateway.artifacts import ArtifactInvalid, inspect_artifact
 from gateway.context import MB, Gateway
 from gateway.datasets import PrepConfig, prepare_dataset
 from gateway import webhooks
+from gateway.engine.common import LeaseLost, new_attempt, poll_delay
 from gateway.engine.routing import TrainingNeeds
 from gateway.store import teams as teams_store
 from gateway.store import work
@@ -37,10 +38,6 @@ TRAINING_FEE = 255
 CREATE_FEE = 2
 #: tries to copy a finished training's weights before the attempt counts as failed
 FETCH_TRIES = 5
-
-
-class LeaseLost(Exception):
-    """The row was archived or taken over; the step's writes were rolled back."""
 
 
 async def _update(conn, lora: Lora, owner: str, **fields) -> None:
@@ -169,12 +166,7 @@ async def _submit(gw: Gateway, lora: Lora, owner: str) -> bool:
         await _fail(gw, lora, owner, reason or "no configured provider can train this LoRA (subject kind, steps or rank)")
         return False
 
-    attempt = Attempt(
-        id=new_id(), owner_kind="lora", owner_id=lora.id, seq=len(attempts) + 1, provider=provider.name,
-        provider_ref=None, provider_trigger_word=None, state="submitting", progress=None, error=None,
-        retryable=False, cost=provider.capabilities.cost.per_training, currency=provider.capabilities.cost.currency,
-        polls=0, created_at=now(), submitted_at=None, progressed_at=None, finished_at=None,
-    )
+    attempt = new_attempt("lora", lora.id, len(attempts) + 1, provider, provider.capabilities.cost.per_training)
     try:
         async with gw.db.tx() as conn:
             await teams_store.apply_credits(
@@ -267,8 +259,7 @@ async def _reconcile(gw: Gateway, lora: Lora, owner: str, attempt: Attempt) -> b
 
 
 def _poll_delay(gw: Gateway, polls: int) -> float:
-    e = gw.settings.engine
-    return min(e.max_poll_interval_s, e.min_poll_interval_s * (2 ** min(polls, 16)))
+    return poll_delay(gw.settings.engine, polls)
 
 
 async def _poll(gw: Gateway, lora: Lora, owner: str) -> bool:

@@ -18,7 +18,7 @@ import structlog
 
 from gateway.context import Gateway
 from gateway.engine import jobs, loras
-from gateway.engine.loras import LeaseLost
+from gateway.engine.common import LeaseLost
 from gateway.store import durability, work
 from gateway.webhooks import Deliverer
 from gateway.timeutil import now
