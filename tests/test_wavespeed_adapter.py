@@ -22,7 +22,6 @@ import pytest
 import structlog
 from PIL import Image
 
-import providers.wavespeed as wavespeed_mod
 from gateway.imaging import SIZES
 from plugins import manager as plugin_manager
 from plugins.storage.local import LocalStorage, LocalStorageConfig
@@ -191,7 +190,7 @@ def test_config_and_capabilities(make: Callable[..., WaveSpeedAdapter]) -> None:
 
 
 def test_registered_through_the_hook() -> None:
-    pm = plugin_manager.make_plugin_manager(load_entrypoints=False, extra=(wavespeed_mod,))
+    pm = plugin_manager.make_plugin_manager(load_entrypoints=False)  # a default plugin
     assert plugin_manager.providers(pm)["wavespeed"] is WaveSpeedAdapter
 
 
