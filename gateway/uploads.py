@@ -124,10 +124,29 @@ class _BadImage(Exception):
     """Raised in the worker thread; the message is the rule the image breaks."""
 
 
-def _inspect_image(path: Path, limits: UploadLimits) -> tuple[str, int, int]:
-    """Sniff, bomb-check, verify and fully decode one image (blocking; run in a thread).
+def _looks_whole(path: Path, fmt: str) -> bool:
+    """A cheap structural check that the file is complete (no pixel decoding):
+    a JPEG ends with its EOI marker, a WebP's RIFF size matches the file, and a PNG's
+    ``verify()`` (already run) checked every chunk's CRC up to IEND."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if fmt == "PNG":
+            return True
+        if fmt == "WEBP":
+            head = f.read(12)
+            riff = int.from_bytes(head[4:8], "little")
+            return head[:4] == b"RIFF" and head[8:12] == b"WEBP" and size in (riff + 8, riff + 9)
+        f.seek(max(0, size - 64))
+        return f.read().rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
-    Returns ``(format, width, height)`` with the size after EXIF orientation.
+
+def _inspect_image(path: Path, limits: UploadLimits) -> tuple[str, int, int]:
+    """Sniff, bomb-check and verify one image (blocking; run in a thread).
+
+    A file that passes the structural check (:func:`_looks_whole`) is not decoded here: the
+    dataset preparation decodes every image anyway. Anything else is fully decoded, so a
+    truncated file is rejected either way. Returns ``(format, width, height)`` with the size
+    after EXIF orientation.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated uploads would pass")
@@ -149,7 +168,8 @@ def _inspect_image(path: Path, limits: UploadLimits) -> tuple[str, int, int]:
                 )
             im.verify()
         with Image.open(path, formats=formats) as im:
-            im.load()
+            if not _looks_whole(path, fmt):
+                im.load()  # raises for a truncated or broken file
             width, height = im.size
             if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width

@@ -333,3 +333,17 @@ async def test_source_error_cleans_up(tmp_path: Path) -> None:
     with pytest.raises(ConnectionResetError):
         await receive_upload(broken(), CT, SMALL, tmp_root=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_structural_check_tells_whole_from_truncated(tmp_path: Path, fmt: str) -> None:
+    from gateway.uploads import _looks_whole
+
+    data = make_image(fmt, (120, 90), seed=3)
+    whole = tmp_path / "whole"
+    whole.write_bytes(data)
+    cut = tmp_path / "cut"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert _looks_whole(whole, fmt)
+    if fmt != "PNG":  # a PNG is checked by verify() (every chunk's CRC) instead
+        assert not _looks_whole(cut, fmt)
