@@ -49,6 +49,10 @@ class DatabaseSettings(_Base):
     #: SQLite file; relative paths are relative to ``data_dir``
     path: str = "gateway.sqlite3"
     busy_timeout_ms: PosInt = 10_000
+    #: reads run on the event loop through a plain sqlite3 connection (every read is a short
+    #: indexed lookup: cheaper than a hop to a database thread); false: a pool of threaded readers
+    inline_reads: bool = True
+    #: size of the threaded reader pool (used when inline_reads is false)
     read_connections: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
 
 

@@ -141,6 +141,7 @@ async def open_gateway(
         settings.database_path,
         busy_timeout_ms=settings.database.busy_timeout_ms,
         read_connections=settings.database.read_connections,
+        inline_reads=settings.database.inline_reads,
     )
     await db.open()
     providers: dict[str, Provider] = {}
