@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import sys
@@ -44,6 +45,13 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ID_PREFIX = uuid.uuid4().hex[:12]  # random per process
+_ID_COUNTER = itertools.count(1)
+
+
+def next_request_id() -> str:
+    """Unique across processes (a random prefix) and cheap (a counter)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
@@ -58,7 +66,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        rid = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming if incoming and _REQUEST_ID.match(incoming) else next_request_id()
         raw_rid = rid.encode()
 
         async def send_with_id(message: Message) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from datetime import datetime, timezone
 
 
 def now() -> float:
@@ -16,16 +16,17 @@ def iso(ts: float | None) -> str | None:
     """``2026-04-25T10:18:11.000Z`` for a timestamp, None for None."""
     if ts is None:
         return None
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    ms = int(round(ts * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except (ValueError, AttributeError, TypeError):
-        return False
+    """A UUID in its canonical hyphenated form (either case)."""
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None

@@ -3,14 +3,13 @@ body or key ever reaches a client."""
 
 from __future__ import annotations
 
-import uuid
 
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException, ValidationException
 
 from gateway.errors import GatewayError
-from gateway.logging import _REQUEST_ID
+from gateway.logging import _REQUEST_ID, next_request_id
 from gateway.uploads import UploadRejected
 
 log = structlog.get_logger()
@@ -30,7 +29,7 @@ def _unrouted_headers(request: Request, headers: dict[str, str] | None) -> dict[
     if "route_handler" in request.scope:
         return headers
     incoming = request.headers.get("x-request-id")
-    rid = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    rid = incoming if incoming and _REQUEST_ID.match(incoming) else next_request_id()
     return {**(headers or {}), "x-request-id": rid}
 
 
