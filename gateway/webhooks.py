@@ -160,7 +160,7 @@ class Deliverer:
             if applied and d.terminal and d.owner_kind == "job" and outcome != "pending":
                 await work.update_job(conn, d.owner_id, webhook_status=outcome)
         log.info(
-            "webhook_delivered" if ok else "webhook_attempt_failed", delivery_id=d.id, event=d.event,
+            "webhook_delivered" if ok else "webhook_attempt_failed", delivery_id=d.id, webhook_event=d.event,
             attempt=attempts, status_code=status_code, error=error, outcome=outcome, duration_ms=duration_ms,
         )
 

@@ -255,3 +255,21 @@ async def test_allow_list_lets_named_hosts_through() -> None:
     await policy.check("http://127.0.0.1/hook")
     with pytest.raises(UnsafeUrl):
         await policy.check("http://example.com/hook")
+
+
+async def test_a_batch_of_deliveries_arrives_exactly_once_each(make_api, capsys) -> None:
+    """One delivery's logging must never cancel the rest of its batch mid-send."""
+    from gateway import webhooks
+
+    async with serving(Receiver()) as rx, make_api(**FAST, logging={"level": "debug"}) as api:
+        key_id = (await api.client.get("/v2/me", headers=api.h())).json()["apiKey"]["id"]
+        async with api.gw.db.tx() as conn:
+            for i in range(12):
+                await webhooks.enqueue(conn, team_id=api.team_id, key_id=key_id, kind="lora", owner_id=f"obj-{i}",
+                                       url=f"{rx.base_url}/batch", event="completed", payload={"n": i}, terminal=True)
+        api.gw.wake()
+        await rx.wait_for(12)
+        await asyncio.sleep(0.5)  # nothing more may come
+        assert sorted(json.loads(r.body)["n"] for r in rx.requests) == list(range(12))
+    out = capsys.readouterr()
+    assert "webhook_loop_failed" not in out.out + out.err
