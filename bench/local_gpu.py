@@ -3,6 +3,7 @@
     python bench/local_gpu.py                      # CUDA: 512 and 1024 px, checkpointing off and on
     python bench/local_gpu.py --device cpu --tiny  # smoke test of the script on a tiny config
     python bench/local_gpu.py --resolutions 1024 --checkpointing on --steps 20 --json out.json
+    python bench/local_gpu.py --flops-only         # the FLOPs formula vs torch's counter (meta device, no GPU)
 
 A full-size FLUX.1-dev transformer is built from its published config (hard-coded below: 19
 double + 38 single blocks, 24 heads x 128, joint attention dim 4096, pooled 768, guidance
@@ -18,26 +19,28 @@ For each resolution and gradient-checkpointing setting it runs ``--warmup`` step
 FLOPs utilisation (MFU) against the GPU's dense bf16 peak.
 
 FLOPs are counted analytically (``step_flops``), per training step of batch ``b`` with ``Ti``
-image tokens ((side/16)^2), ``Tt`` text tokens and ``T = Ti + Tt``:
+image tokens ((side/16)^2), ``Tt`` text tokens and ``T = Ti + Tt`` (D = 3072, r = rank):
 
 * linear layers, forward: ``2 * sum over tokens of the weights each token passes through``.
-  Per block that is 12*D^2 multiply-adds per token (D = 3072): a double block sends image
-  tokens through the image weights (q, k, v, out: 4*D^2; MLP D->4D->D: 8*D^2) and text tokens
-  through the text weights (the same sizes); a single block sends all T tokens through q, k, v
-  (3*D^2), the MLP in (D->4D: 4*D^2) and the fused out projection (5D->D: 5*D^2). Plus the
-  input embedders (64->D on image tokens, 4096->D on text tokens) and the output projection
-  (D->64 on image tokens). The AdaLN modulation and timestep/guidance/pooled embedders act
-  once per sample, not per token (they are counted, but are ~0.1%).
-* attention, forward: ``4 * T^2 * D`` per block (QK^T and PV, 2*T^2*D multiply-adds), 57 blocks.
-* LoRA, forward: ``2 * r * (in + out)`` per adapted layer per token (tiny).
-* backward: the base weights are frozen, so no weight gradients are computed for them, but the
-  activation gradients still flow through every frozen linear layer: 1x the linear forward.
-  Attention backward is 2x its forward (dQ, dK from dS; dV, dP). LoRA backward is 2x its
-  forward (input and weight gradients).
-* so ``step = 2 * linear_fwd + 3 * attention_fwd + 3 * lora_fwd``, about 4 * N_touched * T
-  rather than the 6 * N * T of full fine-tuning. Gradient checkpointing recomputes each block's
-  forward in the backward pass; that recomputation is *not* counted (MFU counts model FLOPs;
-  the hardware FLOPs utilisation with checkpointing is shown as HFU).
+  Per block that is 12*D^2 multiply-adds per token: a double block sends image tokens through
+  the image weights (q, k, v, out: 4*D^2; MLP D->4D->D: 8*D^2) and text tokens through the text
+  weights (the same sizes); a single block sends all T tokens through q, k, v (3*D^2), the MLP in
+  (D->4D: 4*D^2) and the fused out projection (5D->D: 5*D^2). Plus the input embedders
+  (64->D on image tokens, 4096->D on text tokens), the output projection (D->64 on image
+  tokens), and what runs once per sample (AdaLN modulations, timestep/guidance/pooled embedders).
+* attention, forward: ``4 * T^2 * D`` per block (QK^T and PV: 2*T^2*D multiply-adds), 57 blocks.
+* LoRA, forward: ``2 * r * (in + out)`` per adapted layer per token (image tokens in the double
+  blocks' to_q/k/v/out, all tokens in the single blocks' to_q/k/v).
+* backward: the base weights are frozen, so no weight gradients are computed for them, but
+  activation gradients still flow back through every frozen linear layer that sits after the
+  first LoRA: 1x its forward (so not the embedders, the per-sample layers, or block 0's q/k/v,
+  whose inputs are constants). Attention backward is 2x its forward. LoRA backward: weight
+  gradients of A and B plus input gradients, about 2x its forward.
+* ``step = forward + backward``: about 4 * N_touched * T instead of the 6 * N * T of a full
+  fine-tune. For FLUX.1-dev with 512 T5 tokens: 44.7 TFLOP at 512 px (T = 1536), 163.9 TFLOP at
+  1024 px (T = 4608). ``--flops-only`` checks the formula against torch's FlopCounterMode on the
+  meta device (exact match). Gradient checkpointing re-runs each block's forward during the
+  backward; that recomputation is *not* in the model FLOPs (MFU) but is in HFU.
 
 Peak dense bf16 tensor throughput (TFLOP/s): H100 SXM 989, H100 NVL 835, H100 PCIe 756, H200 989,
 A100 312, L40S 362; others are flagged unknown (pass ``--peak-tflops``).
@@ -311,6 +314,41 @@ def counted_flops(transformer: Any, cfg: dict[str, Any], args: argparse.Namespac
     return out
 
 
+def meta_flops_check(cfg: dict[str, Any], args: argparse.Namespace) -> list[tuple[int, Flops, float, float]]:
+    """Count one step of the real-size model on the ``meta`` device (shapes only: no memory, no
+    GPU) with FlopCounterMode and the math attention; returns (px, analytic, fwd, bwd) per size."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from providers.local import trainer
+    from providers.local.config import TrainConfig
+
+    meta, dtype = torch.device("meta"), torch.bfloat16
+    transformer = build_transformer(cfg, meta, dtype)
+    trainer.add_lora(transformer, TrainConfig(steps=1, rank=args.rank))
+    out = []
+    for res in args.resolutions:
+        ti = (res // (VAE_SCALE * 2)) ** 2
+        b, tt = args.batch, args.text_tokens
+        kw = dict(hidden_states=torch.empty(b, ti, cfg["in_channels"], device=meta, dtype=dtype),
+                  timestep=torch.empty(b, device=meta, dtype=dtype),
+                  guidance=torch.empty(b, device=meta) if cfg["guidance_embeds"] else None,
+                  pooled_projections=torch.empty(b, cfg["pooled_projection_dim"], device=meta, dtype=dtype),
+                  encoder_hidden_states=torch.empty(b, tt, cfg["joint_attention_dim"], device=meta, dtype=dtype),
+                  txt_ids=torch.zeros(tt, 3, device=meta), img_ids=torch.zeros(ti, 3, device=meta), return_dict=False)
+        with sdpa_kernel(SDPBackend.MATH):
+            with FlopCounterMode(display=False) as fwd:
+                pred = transformer(**kw)[0]
+            loss = pred.float().pow(2).mean()
+            with FlopCounterMode(display=False) as bwd:
+                loss.backward()
+        transformer.zero_grad(set_to_none=True)
+        est = step_flops(cfg, res, tt, args.rank, b)
+        out.append((res, est, float(fwd.get_total_flops()), float(bwd.get_total_flops())))
+    return out
+
+
 def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -336,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, if not in the table")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="only check the FLOPs formula against torch's counter on the meta device (no GPU needed)")
     ap.add_argument("--check-flops", action="store_true",
                     help="compare the analytic FLOPs with torch's FlopCounterMode on one step first")
     args = ap.parse_args(argv)
@@ -346,19 +386,28 @@ def main(argv: list[str] | None = None) -> int:
     from providers.local.config import TrainConfig
 
     trainer.quiet_libraries()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here: run with --device cpu --tiny for a smoke test", file=sys.stderr)
-        return 2
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = TINY if args.tiny else FLUX_DEV
     args.resolutions = args.resolutions or ([32, 64] if args.tiny else [512, 1024])
     args.text_tokens = args.text_tokens or (16 if args.tiny else 512)
     for r in args.resolutions:
         if r % 16:
             ap.error(f"resolution {r} is not a multiple of 16")
+    if args.flops_only:
+        print(f"FLOPs of one training step, {'tiny' if args.tiny else 'FLUX.1-dev'} config, rank {args.rank}, "
+              f"batch {args.batch}, {args.text_tokens} text tokens: analytic vs FlopCounterMode on the meta device")
+        rows = [[str(res), f"{est.image_tokens + est.text_tokens}", f"{est.forward / 1e12:.4f}", f"{fwd / 1e12:.4f}",
+                 f"{est.backward / 1e12:.4f}", f"{bwd / 1e12:.4f}", f"{est.step / 1e12:.4f}",
+                 "ok" if abs(fwd + bwd - est.step) <= 1e-6 * est.step else "MISMATCH"]
+                for res, est, fwd, bwd in meta_flops_check(cfg, args)]
+        print(table(rows, ["px", "tokens", "fwd TF", "counted", "bwd TF", "counted", "step TF", "check"]))
+        return 0 if all(r[-1] == "ok" for r in rows) else 1
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu --tiny for a smoke test", file=sys.stderr)
+        return 2
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak, label = (args.peak_tflops, "given") if args.peak_tflops else peak_tflops(name)
@@ -401,11 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table([[str(r.resolution), "on" if r.checkpointing else "off", fmt(r.steps_per_s, ".3f"),
                   fmt(r.s_per_step, ".3f"), fmt(r.peak_gib, ".1f"), f"{r.tflop_per_step:.3g}",
-                  fmt(r.tflops, ".1f"), fmt(r.mfu and 100 * r.mfu, ".1f"), fmt(r.hfu and 100 * r.hfu, ".1f"),
+                  fmt(r.tflops, ".3g"), fmt(r.mfu and 100 * r.mfu, ".3g"), fmt(r.hfu and 100 * r.hfu, ".3g"),
                   r.error or ""] for r in rows],
                 ["px", "ckpt", "steps/s", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s", "MFU %", "HFU %", "note"]))
-    print("\nTFLOP/step = 2*linear_fwd + 3*attention_fwd + 3*lora_fwd (frozen base: no weight gradients);"
-          " MFU excludes, HFU includes, checkpointing's recomputed forward.")
+    print("\nTFLOP/step: analytic model FLOPs of forward + backward with a frozen base (see the module doc);"
+          " MFU leaves out, HFU counts, the forward that gradient checkpointing recomputes.")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "peak_tflops": peak, "dtype": str(dtype),
                                          "config": "tiny" if args.tiny else "FLUX.1-dev", "rank": args.rank,

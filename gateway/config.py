@@ -159,7 +159,8 @@ class Settings(_Base):
 
     @property
     def data_path(self) -> Path:
-        return Path(self.data_dir).expanduser()
+        """``data_dir`` as an absolute path (subprocesses may run elsewhere)."""
+        return Path(self.data_dir).expanduser().absolute()
 
     @property
     def database_path(self) -> Path:

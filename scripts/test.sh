@@ -8,7 +8,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# torch first, pinned (2.13.0 is a CPU build on these machines; unpinned, pip pulls GBs of CUDA
+# wheels), then the rest of the local provider's extra, so its tests run too
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,local]"
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -21,10 +21,9 @@ def test_importing_and_registering_the_provider_loads_no_torch(tmp_path: Path) -
     # a fresh interpreter: this test session may have imported torch already for other tests
     code = f"""
 import json, sys
-import providers.local as local_plugin
 from plugins import manager
 from providers.base import ProviderSetup
-pm = manager.make_plugin_manager(load_entrypoints=False, extra=(local_plugin,))
+pm = manager.make_plugin_manager(load_entrypoints=False)  # a default plugin
 cls = manager.providers(pm)["local"]
 setup = ProviderSetup(storage=None, data_dir=__import__("pathlib").Path({str(tmp_path)!r}), public_base_url=None,
                       http_client=lambda **kw: None)

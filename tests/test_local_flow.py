@@ -17,7 +17,6 @@ pytest.importorskip("peft")
 
 from PIL import Image  # noqa: E402
 
-import providers.local  # noqa: E402
 from tests.tiny_flux import T5_MAX_LENGTH, tiny_flux  # noqa: E402,F401
 
 
@@ -25,8 +24,7 @@ async def test_full_flow_on_the_local_provider(make_api: Callable[..., Any], tin
     local = {"model_dir": str(tiny_flux), "devices": ["cpu"], "max_steps": 4, "checkpoint_every": 2,
              "resolution": 32, "max_sequence_length": T5_MAX_LENGTH, "learning_rate": 1e-2}
     async with make_api(providers={"local": local},
-                        routing={"training": {"providers": ["local"]}, "inference": {"providers": ["local"]}},
-                        plugins=(providers.local,)) as api:
+                        routing={"training": {"providers": ["local"]}, "inference": {"providers": ["local"]}}) as api:
         start = await api.credits()
         r = await api.create_lora(15, steps=500, loraRank=8)
         assert r.status_code == 202, r.text

@@ -209,8 +209,12 @@ async def test_start_is_idempotent_copies_the_dataset_and_supports_lookup(fake: 
     assert (await p.start_training(tspec("same"), ds)).ref == sub.ref
     assert (await p.lookup_training("same")).ref == sub.ref
     assert await p.lookup_training("never-sent") is None
+    both = await asyncio.gather(*(p.start_training(tspec("twice"), dataset(tmp_path)) for _ in range(2)))
+    assert both[0].ref == both[1].ref
     await wait_state(p, sub.ref, ("succeeded",))
-    starts = [e for e in events(fake) if e["kind"] == "start"]
+    await wait_state(p, both[0].ref, ("succeeded",))
+    starts = [e for e in events(fake) if e["kind"] == "start" and e["ref"] == sub.ref]
+    assert len([e for e in events(fake) if e["kind"] == "start" and e["ref"] == both[0].ref]) == 1
     assert len(starts) == 1 and starts[0]["dataset"] == ["001.jpg", "001.txt", "002.jpg", "002.txt", "003.jpg", "003.txt"]
     assert p.capabilities.can_lookup and p.capabilities.can_cancel
     assert p.capabilities.training.dataset_input == "directory"

@@ -50,9 +50,9 @@ def test_saved_file_has_diffusers_lora_keys_on_the_target_modules(tiny_lora: Pat
     assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)  # B left zero init
 
 
-def test_target_modules_are_configurable(tiny_flux: Path, tmp_path: Path) -> None:
+def test_target_modules_and_batch_size_are_configurable(tiny_flux: Path, tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "ds", n=2)
-    cfg = tiny_train_config(steps=2, target_modules=["to_q"], checkpoint_every=100)
+    cfg = tiny_train_config(steps=2, target_modules=["to_q"], checkpoint_every=100, batch_size=2)
     result = trainer.train(tiny_flux, data, cfg, tmp_path / "out")
     with safe_open(str(result.weights), "pt") as f:
         keys = list(f.keys())
@@ -76,7 +76,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tiny_fl
             done.append(step)
 
     with pytest.raises(trainer.TrainingInterrupted) as info:
-        trainer.train(tiny_flux, data, cfg, out, progress=progress, should_stop=lambda: done[-1] >= stop_after)
+        trainer.train(tiny_flux, data, cfg, out, progress=progress, should_stop=lambda: bool(done) and done[-1] >= stop_after)
     assert info.value.step == 3
     ckpt = trainer.latest_checkpoint(out / "checkpoints", cfg)
     assert ckpt is not None and ckpt[0] == 3  # a checkpoint was written on the way out
@@ -91,6 +91,8 @@ def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tiny_fl
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit-identical: counter-based RNG + restored optimizer state
     assert not (out / "checkpoints").exists()  # removed once the weights are saved
+    again = trainer.train(tiny_flux, data, cfg, out)  # relaunched after finishing: no second run
+    assert again.resumed_from == 6 and again.weights == resumed.weights
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_flux: Path, tmp_path: Path) -> None:

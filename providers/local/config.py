@@ -48,8 +48,9 @@ class LocalConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     checkpoint_every: PosInt = 100
     target_modules: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     seed: int = 0
-    #: the guidance value fed to guidance-distilled transformers (FLUX.1-dev) while training
-    train_guidance_scale: NonNeg = 1.0
+    #: the guidance value fed to guidance-distilled transformers (FLUX.1-dev) while training (the
+    #: diffusers recipe's default; some trainers use 1.0)
+    train_guidance_scale: NonNeg = 3.5
     #: T5 tokens per prompt (FLUX.1-dev uses 512; smaller is faster)
     max_sequence_length: Annotated[int, msgspec.Meta(ge=1, le=512)] = 512
     #: LoRA adapters kept loaded per inference pipeline (least recently used are deleted)

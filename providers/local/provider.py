@@ -69,7 +69,7 @@ class LocalProvider(Provider):
         super().__init__(config, setup)
         self.config: LocalConfig = config
         self.root = Path(setup.data_dir) / "local"
-        self.model_dir = Path(config.model_dir).expanduser()
+        self.model_dir = Path(config.model_dir).expanduser().absolute()
         cost = Cost(per_training=config.cost_per_training, per_image=config.cost_per_image)
         self.capabilities = Capabilities(training=_TRAINING, inference=_INFERENCE, cost=cost,
                                          can_lookup=True, can_cancel=True, webhooks_in=False)
@@ -137,9 +137,16 @@ class LocalProvider(Provider):
                      "config": msgspec.to_builtins(cfg)}
             (tmp / "train.json").write_bytes(msgspec.json.encode(train))
             (tmp / "job.json").write_bytes(msgspec.json.encode(job))
-            if final.exists():  # a dir without job.json: an interrupted earlier submit
-                shutil.rmtree(final)
-            tmp.rename(final)
+            if final.exists():
+                if (final / "job.json").is_file():
+                    return False  # a concurrent submit of the same attempt won
+                shutil.rmtree(final)  # a dir without job.json: an interrupted earlier submit
+            try:
+                tmp.rename(final)
+            except OSError:
+                if (final / "job.json").is_file():
+                    return False
+                raise
             return True
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -417,6 +417,18 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def latest_checkpoint(root: Path, cfg: TrainConfig | None = None) -> tuple[int, Path] | None:
     """The newest complete checkpoint under ``root`` (one made with ``cfg``'s settings, if given)."""
     for step, path in reversed(_checkpoints(Path(root))):
@@ -425,7 +437,7 @@ def latest_checkpoint(root: Path, cfg: TrainConfig | None = None) -> tuple[int, 
                 state = json.loads((path / "state.json").read_text())
             except (OSError, ValueError):
                 continue
-            if state.get("config") != json.loads(json.dumps(cfg.resume_key())) or step > cfg.steps:
+            if state.get("config") != _jsonable(cfg.resume_key()) or step > cfg.steps:
                 continue
         return step, path
     return None
@@ -505,6 +517,12 @@ def train(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, out_dir: Path, *
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     report = progress or (lambda *a: None)
+    done_marker = out_dir / "done.json"
+    finished = _read_json(done_marker)
+    if finished and finished.get("config") == _jsonable(cfg.resume_key()) and (out_dir / WEIGHTS_NAME).is_file():
+        # a relaunch after the weights were saved (the process died before reporting): nothing to do
+        return TrainResult(weights=out_dir / WEIGHTS_NAME, steps=cfg.steps, resumed_from=cfg.steps,
+                           loss=finished.get("loss"), seconds=time.monotonic() - started)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     resume = latest_checkpoint(ckpt_root, cfg)
@@ -539,6 +557,7 @@ def train(model_dir: Path, dataset_dir: Path, cfg: TrainConfig, out_dir: Path, *
             raise TrainingInterrupted(done)
     report("saving", cfg.steps, cfg.steps, loss_value)
     weights = save_lora(transformer, out_dir)
+    done_marker.write_text(json.dumps({"steps": cfg.steps, "loss": loss_value, "config": cfg.resume_key()}))
     shutil.rmtree(ckpt_root, ignore_errors=True)
     del transformer, optimizer, enc
     free_memory()
