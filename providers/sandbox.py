@@ -180,6 +180,7 @@ class SandboxProvider(Provider):
         self.submit_calls = 0
         self.root = Path(setup.data_dir) / "sandbox"
         self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, _TrainingJob | _GenerationJob]] = {}
         cost = Cost(per_training=config.cost_per_training, per_image=config.cost_per_image)
         self.capabilities = Capabilities(training=_TRAINING, inference=_INFERENCE, cost=cost,
                                          can_lookup=True, can_cancel=True, webhooks_in=False)
@@ -199,11 +200,24 @@ class SandboxProvider(Provider):
                 atomic_write(path, lambda fh: fh.write(msgspec.json.encode(job)))
 
     async def _load(self, ref: str, typ: type[_J]) -> _J:
+        """A job from disk, decoded once and kept while its file is unchanged (a cheap stat
+        checks that, so a change made by another process is still seen)."""
         path = self._job_path(ref)
         try:
-            return msgspec.json.decode(await anyio.to_thread.run_sync(path.read_bytes), type=typ)
+            mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
             raise ProviderRejected(f"sandbox: unknown job {ref!r}") from None
+        hit = self._cache.get(ref)
+        if hit is not None and hit[0] == mtime and isinstance(hit[1], typ):
+            return msgspec.structs.replace(hit[1])  # a copy: callers may change it
+        try:
+            job = msgspec.json.decode(await anyio.to_thread.run_sync(path.read_bytes), type=typ)
+        except FileNotFoundError:
+            raise ProviderRejected(f"sandbox: unknown job {ref!r}") from None
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[ref] = (mtime, job)
+        return msgspec.structs.replace(job)
 
     def _log_call(self, kind: str, attempt_id: str) -> None:
         """Append one line per submit call that reached the sandbox: ``training``/``generation``

@@ -4,6 +4,7 @@ between providers, archive during training, and lease take-over."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -346,3 +347,37 @@ async def test_artifact_copy_is_retried_before_retraining(make_api) -> None:
         assert [a.state for a in tries] == ["succeeded"]  # no second training
         assert api.gw.providers["flakyfetch"].submit_calls == 1
         assert lora["hasWeights"]
+
+
+async def test_polls_are_batched_and_lost_leases_are_respected(make_api) -> None:
+    """poll_many writes every "still running" answer in one go, and only for rows it leases."""
+    from gateway.engine import loras as lora_engine
+
+    async with make_api(providers={"sandbox": {"training_seconds": 600, "queue_seconds": 0}},
+                        engine={"min_poll_interval_s": 300, "max_poll_interval_s": 300, "poll_interval_s": 0.05}) as api:
+        ids = [(await api.create_lora()).json()["id"] for _ in range(3)]
+        for lora_id in ids:  # wait until each is training at the sandbox
+            for _ in range(1200):
+                async with api.gw.db.read() as conn:
+                    row = await work.get_lora(conn, lora_id)
+                if row.stage == "poll" and row.lease_owner is None:
+                    break
+                await asyncio.sleep(0.02)
+        async with api.gw.db.tx() as conn:  # lease them by hand, as a claim would
+            for lora_id in ids:
+                await work.update_lora(conn, lora_id, lease_owner="me", lease_expires=10**12)
+            rows = [await work.get_lora(conn, i) for i in ids]
+            await work.update_lora(conn, ids[2], lease_owner="someone-else")  # lost meanwhile
+            before = {a.owner_id: a for a in await work.current_attempts(conn, "lora", ids)}
+        rest = await lora_engine.poll_many(api.gw, rows, "me")
+        assert rest == []  # every answer was "running": nothing needs a full step
+        async with api.gw.db.read() as conn:
+            after = {i: await work.get_lora(conn, i) for i in ids}
+            tries = {a.owner_id: a for a in await work.current_attempts(conn, "lora", ids)}
+        for lora_id in ids[:2]:
+            assert after[lora_id].lease_owner is None  # released until its next poll
+            assert after[lora_id].next_run_at > time.time() + 200  # the next poll, one interval away
+            assert tries[lora_id] != before[lora_id]  # the answer was recorded
+            assert tries[lora_id].state == "running" and tries[lora_id].progress is not None
+        assert after[ids[2]].lease_owner == "someone-else"  # untouched
+        assert tries[ids[2]] == before[ids[2]]

@@ -30,7 +30,7 @@ from gateway.store import work
 from gateway.store.models import Artifact, Attempt, Lora
 from gateway.timeutil import new_id, now
 from plugins.captioners.base import CaptionContext
-from providers.base import Dataset, Provider, ProviderError, ProviderTimeout, TrainingSpec
+from providers.base import Dataset, Provider, ProviderError, ProviderTimeout, TrainingSpec, TrainingStatus
 
 log = structlog.get_logger()
 
@@ -49,9 +49,12 @@ def _dataset_dir(gw: Gateway, lora_id: str) -> Path:
     return gw.work_dir / "loras" / lora_id
 
 
-async def step(gw: Gateway, lora_id: str, owner: str, claimed: Lora | None = None) -> None:
+async def step(
+    gw: Gateway, lora_id: str, owner: str, claimed: Lora | None = None, polled: Polled | None = None
+) -> None:
     """Run steps for one leased lora until it waits (poll) or ends. ``claimed`` is the row
-    as the claim returned it (saves a read for the first step)."""
+    as the claim returned it (saves a read for the first step); ``polled`` is an answer
+    :func:`poll_many` already got from the provider (so it is not asked twice)."""
     while True:
         if claimed is not None:
             lora, claimed = claimed, None
@@ -65,7 +68,11 @@ async def step(gw: Gateway, lora_id: str, owner: str, claimed: Lora | None = Non
             raise RuntimeError(f"lora {lora.id} has unknown stage {lora.stage!r}")
         bound = structlog.contextvars.bound_contextvars(lora_id=lora.id, stage=lora.stage)
         with bound:
-            again = await handler(gw, lora, owner)
+            if polled is not None and lora.stage == "poll":
+                again = await _poll(gw, lora, owner, polled)
+            else:
+                again = await handler(gw, lora, owner)
+            polled = None
         if not again:
             return
 
@@ -262,16 +269,81 @@ def _poll_delay(gw: Gateway, polls: int) -> float:
     return poll_delay(gw.settings.engine, polls)
 
 
-async def _poll(gw: Gateway, lora: Lora, owner: str) -> bool:
-    async with gw.db.read() as conn:
-        attempt = await work.current_attempt(conn, "lora", lora.id)
-    assert attempt is not None and attempt.provider_ref is not None
-    provider = gw.providers.get(attempt.provider)
-    if provider is None:
-        return await _attempt_failed(gw, lora, owner, attempt, "provider is no longer configured", True)
+class Polled:
+    """One provider answer about a lora's current attempt: a status, or the error raised."""
+
+    def __init__(self, attempt: Attempt, provider: Provider, status: TrainingStatus | None, error: ProviderError | None):
+        self.attempt = attempt
+        self.provider = provider
+        self.status = status
+        self.error = error
+
+
+async def _ask(provider: Provider, attempt: Attempt) -> Polled:
+    assert attempt.provider_ref is not None
     try:
-        status = await provider.training_status(attempt.provider_ref)
+        return Polled(attempt, provider, await provider.training_status(attempt.provider_ref), None)
     except ProviderError as e:
+        return Polled(attempt, provider, None, e)
+
+
+def _still_running(gw: Gateway, lora: Lora, p: Polled) -> dict | None:
+    """The writes for a "still queued/running" answer, or None if the answer needs a step."""
+    status, attempt = p.status, p.attempt
+    if status is None or status.state not in ("queued", "running"):
+        return None
+    progressed = status.progress is not None and (attempt.progress is None or status.progress > attempt.progress)
+    if not progressed and now() - (attempt.progressed_at or attempt.created_at) > gw.settings.engine.stuck_after_s:
+        return None  # stuck: the step cancels it and moves on
+    return {
+        # the backoff restarts when the state changes (per-state backoff)
+        "attempt_id": attempt.id, "lora_id": lora.id, "state": status.state,
+        "polls": attempt.polls + 1 if status.state == attempt.state else 0,
+        "progress": status.progress if status.progress is not None else attempt.progress,
+        "progressed_at": now() if progressed or status.state != attempt.state else attempt.progressed_at,
+        "next_run_at": now() + _poll_delay(gw, attempt.polls),
+    }
+
+
+async def poll_many(gw: Gateway, loras: list[Lora], owner: str) -> list[tuple[Lora, Polled | None]]:
+    """Poll many leased loras at once and write every "still running" answer in one
+    transaction (the common case, so 10,000 trainings in flight stay cheap). Returns the
+    loras that need their full step, with the answer already fetched."""
+    async with gw.db.read() as conn:
+        current = {a.owner_id: a for a in await work.current_attempts(conn, "lora", [lo.id for lo in loras])}
+    asks: dict[str, Polled | None] = {}
+
+    async def one(lora: Lora) -> None:
+        attempt = current.get(lora.id)
+        provider = gw.providers.get(attempt.provider) if attempt else None
+        asks[lora.id] = await _ask(provider, attempt) if attempt and provider and attempt.provider_ref else None
+
+    async with anyio.create_task_group() as tg:
+        for lora in loras:
+            tg.start_soon(one, lora)
+    running, rest = [], []
+    for lora in loras:
+        polled = asks.get(lora.id)
+        update = _still_running(gw, lora, polled) if polled is not None else None
+        (running.append(update) if update is not None else rest.append((lora, polled)))
+    if running:
+        async with gw.db.tx() as conn:
+            await work.apply_running_polls(conn, owner, running)
+    return rest
+
+
+async def _poll(gw: Gateway, lora: Lora, owner: str, polled: Polled | None = None) -> bool:
+    if polled is None:
+        async with gw.db.read() as conn:
+            attempt = await work.current_attempt(conn, "lora", lora.id)
+        assert attempt is not None and attempt.provider_ref is not None
+        provider = gw.providers.get(attempt.provider)
+        if provider is None:
+            return await _attempt_failed(gw, lora, owner, attempt, "provider is no longer configured", True)
+        polled = await _ask(provider, attempt)
+    attempt, provider, status = polled.attempt, polled.provider, polled.status
+    if polled.error is not None:
+        e = polled.error
         log.warning("provider_call_failed", provider=provider.name, call="training_status", error=e.message)
         if not e.retryable:
             gw.router.breaker.failure(provider.name)
@@ -283,7 +355,7 @@ async def _poll(gw: Gateway, lora: Lora, owner: str) -> bool:
             await work.update_attempt(conn, attempt.id, polls=attempt.polls + 1)
             await _update(conn, lora, owner, next_run_at=now() + delay, lease_owner=None, lease_expires=None)
         return False
-
+    assert status is not None
     if status.state == "succeeded":
         async with gw.db.tx() as conn:
             await work.update_attempt(conn, attempt.id, state="succeeded", progress=1.0, finished_at=now(), polls=0)
@@ -296,20 +368,11 @@ async def _poll(gw: Gateway, lora: Lora, owner: str) -> bool:
         gw.router.breaker.failure(provider.name)
         log.info("training_failed", provider=provider.name, error=status.error, retryable=status.retryable)
         return await _attempt_failed(gw, lora, owner, attempt, status.error or "training failed", status.retryable)
-
-    progressed = status.progress is not None and (attempt.progress is None or status.progress > attempt.progress)
-    if not progressed and now() - (attempt.progressed_at or attempt.created_at) > gw.settings.engine.stuck_after_s:
+    update = _still_running(gw, lora, polled)
+    if update is None:
         return await _stuck(gw, lora, owner, attempt, provider)
     async with gw.db.tx() as conn:
-        await work.update_attempt(
-            # the backoff restarts when the state changes (per-state backoff)
-            conn, attempt.id, state=status.state, polls=attempt.polls + 1 if status.state == attempt.state else 0,
-            progress=status.progress if status.progress is not None else attempt.progress,
-            progressed_at=now() if progressed or status.state != attempt.state else attempt.progressed_at,
-        )
-        await _update(
-            conn, lora, owner, next_run_at=now() + _poll_delay(gw, attempt.polls), lease_owner=None, lease_expires=None
-        )
+        await work.apply_running_polls(conn, owner, [update])
     return False
 
 

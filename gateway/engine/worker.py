@@ -56,6 +56,7 @@ class Engine:
                 while True:
                     free = e.concurrency - len(self._inflight)
                     if free > 0:
+                        polls = []
                         for kind, row in await self._claim(free):
                             if (kind, row.id) in self._inflight:
                                 # its task released it a moment ago and is still finishing:
@@ -63,7 +64,12 @@ class Engine:
                                 self._rerun.add((kind, row.id))
                                 continue
                             self._inflight.add((kind, row.id))
-                            tg.start_soon(self._run_one, kind, row)
+                            if kind == "lora" and row.stage == "poll":
+                                polls.append(row)  # polled together, written in one transaction
+                            else:
+                                tg.start_soon(self._run_one, kind, row)
+                        if polls:
+                            tg.start_soon(self._run_polls, polls)
                     with anyio.move_on_after(e.poll_interval_s):
                         await self._wake.wait()
                     self._wake = anyio.Event()
@@ -80,7 +86,32 @@ class Engine:
             loras_due = await work.claim_due(conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(jobs_due))
         return [("job", j) for j in jobs_due] + [("lora", lo) for lo in loras_due]
 
-    async def _run_one(self, kind: str, row: Any) -> None:
+    async def _run_polls(self, rows: list[Any]) -> None:
+        """Poll a batch of training loras; the answers that need more than "still running"
+        continue as ordinary steps."""
+        try:
+            rest = await loras.poll_many(self.gw, rows, self.owner)
+        except Exception:
+            log.exception("engine_poll_batch_crashed", size=len(rows))
+            rest = [(row, None) for row in rows]
+        done = {row.id for row in rows} - {lora.id for lora, _ in rest}
+        for lora_id in done:
+            self._finish("lora", lora_id)
+        async with anyio.create_task_group() as tg:
+            for lora, polled in rest:
+                tg.start_soon(self._run_one, "lora", lora, polled)
+
+    def _finish(self, kind: str, row_id: str) -> None:
+        key = (kind, row_id)
+        if key in self._rerun:  # claimed again while in flight: it is due, leased to us
+            self._rerun.discard(key)
+            self._inflight.discard(key)
+            self.wake()
+            return
+        self._inflight.discard(key)
+        self.wake()
+
+    async def _run_one(self, kind: str, row: Any, polled: Any = None) -> None:
         """Run a leased row's steps. Every step ends by writing its row with the lease
         released (or finds the row is no longer its own), so nothing is released here on a
         normal return; a lease a step failed to release expires, since the heartbeat renews
@@ -89,13 +120,13 @@ class Engine:
             claimed = row
             while True:
                 if kind == "lora":
-                    await loras.step(self.gw, row.id, self.owner, claimed)
+                    await loras.step(self.gw, row.id, self.owner, claimed, polled)
                 else:
                     await jobs.step(self.gw, row.id, self.owner, claimed)
                 if (kind, row.id) not in self._rerun:
                     break
                 self._rerun.discard((kind, row.id))
-                claimed = None  # re-read: it was claimed again while this task finished
+                claimed, polled = None, None  # re-read: it was claimed again while this task finished
         except LeaseLost:
             log.info("lease_lost", kind=kind, id=row.id)
         except Exception:

@@ -266,6 +266,38 @@ async def attempts_for(conn: aiosqlite.Connection, kind: str, owner_id: str) -> 
     return [row_to(Attempt, r) for r in rows]
 
 
+async def current_attempts(conn: aiosqlite.Connection, kind: str, owner_ids: list[str]) -> list[Attempt]:
+    """The newest attempt of each owner (one query for a batch)."""
+    out: list[Attempt] = []
+    for i in range(0, len(owner_ids), 500):
+        chunk = owner_ids[i : i + 500]
+        marks = ", ".join("?" for _ in chunk)
+        rows = await conn.execute_fetchall(
+            f"""SELECT a.* FROM attempts a
+                WHERE a.owner_kind = ? AND a.owner_id IN ({marks})
+                  AND a.seq = (SELECT MAX(seq) FROM attempts b WHERE b.owner_kind = a.owner_kind AND b.owner_id = a.owner_id)""",
+            (kind, *chunk),
+        )
+        out += [row_to(Attempt, r) for r in rows]
+    return out
+
+
+async def apply_running_polls(conn: aiosqlite.Connection, owner: str, updates: list[dict[str, Any]]) -> None:
+    """Record "still queued/running" answers for many loras and release them until their next
+    poll: two statements for the whole batch. Rows whose lease ``owner`` lost are left alone."""
+    t = now()
+    await conn.executemany(
+        """UPDATE attempts SET state = ?, polls = ?, progress = ?, progressed_at = ?
+           WHERE id = ? AND EXISTS (SELECT 1 FROM loras WHERE id = ? AND lease_owner = ?)""",
+        [(u["state"], u["polls"], u["progress"], u["progressed_at"], u["attempt_id"], u["lora_id"], owner) for u in updates],
+    )
+    await conn.executemany(
+        """UPDATE loras SET next_run_at = ?, updated_at = ?, lease_owner = NULL, lease_expires = NULL
+           WHERE id = ? AND lease_owner = ?""",
+        [(u["next_run_at"], t, u["lora_id"], owner) for u in updates],
+    )
+
+
 async def current_attempt(conn: aiosqlite.Connection, kind: str, owner_id: str) -> Attempt | None:
     rows = list(
         await conn.execute_fetchall(
