@@ -38,6 +38,8 @@ TRAINING_FEE = 255
 CREATE_FEE = 2
 #: tries to copy a finished training's weights before the attempt counts as failed
 FETCH_TRIES = 5
+#: status requests one poll batch has in flight at once
+POLL_CONCURRENCY = 32
 
 
 async def _update(conn, lora: Lora, owner: str, **fields) -> None:
@@ -301,7 +303,9 @@ def _still_running(gw: Gateway, lora: Lora, p: Polled) -> dict | None:
         "polls": attempt.polls + 1 if status.state == attempt.state else 0,
         "progress": status.progress if status.progress is not None else attempt.progress,
         "progressed_at": now() if progressed or status.state != attempt.state else attempt.progressed_at,
-        "next_run_at": now() + _poll_delay(gw, attempt.polls),
+        # from the time it was due, not from now: a poll made a little early (batching) still
+        # leaves a whole interval before the next one
+        "next_run_at": max(now(), lora.next_run_at) + _poll_delay(gw, attempt.polls),
     }
 
 
@@ -318,9 +322,15 @@ async def poll_many(gw: Gateway, loras: list[Lora], owner: str) -> list[tuple[Lo
         provider = gw.providers.get(attempt.provider) if attempt else None
         asks[lora.id] = await _ask(provider, attempt) if attempt and provider and attempt.provider_ref else None
 
+    limiter = anyio.CapacityLimiter(POLL_CONCURRENCY)
+
+    async def bounded(lora: Lora) -> None:
+        async with limiter:
+            await one(lora)
+
     async with anyio.create_task_group() as tg:
         for lora in loras:
-            tg.start_soon(one, lora)
+            tg.start_soon(bounded, lora)
     running, rest = [], []
     for lora in loras:
         polled = asks.get(lora.id)

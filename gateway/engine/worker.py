@@ -25,6 +25,11 @@ from gateway.timeutil import now
 
 log = structlog.get_logger()
 
+#: training polls claimed together (one task, one write transaction for the "still running" answers)
+POLL_BATCH = 500
+#: how much earlier than due a training poll may be made, so polls gather into batches
+POLL_LOOKAHEAD_S = 1.0
+
 
 class Engine:
     def __init__(self, gw: Gateway) -> None:
@@ -34,6 +39,7 @@ class Engine:
         self._deliveries_due = anyio.Event()
         self._inflight: set[tuple[str, str]] = set()
         self._rerun: set[tuple[str, str]] = set()
+        self._polling = 0  # rows in the poll batch now running (at most one batch at a time)
         self.ready = False
         self.deliverer = Deliverer(
             gw.db, gw.settings.webhooks, gw.webhook_client, self.owner, lease_s=gw.settings.engine.lease_s
@@ -54,9 +60,8 @@ class Engine:
                 self.ready = True
                 task_status.started()
                 while True:
-                    free = e.concurrency - len(self._inflight)
+                    free = e.concurrency - (len(self._inflight) - self._polling)
                     if free > 0:
-                        polls = []
                         for kind, row in await self._claim(free):
                             if (kind, row.id) in self._inflight:
                                 # its task released it a moment ago and is still finishing:
@@ -64,11 +69,12 @@ class Engine:
                                 self._rerun.add((kind, row.id))
                                 continue
                             self._inflight.add((kind, row.id))
-                            if kind == "lora" and row.stage == "poll":
-                                polls.append(row)  # polled together, written in one transaction
-                            else:
-                                tg.start_soon(self._run_one, kind, row)
-                        if polls:
+                            tg.start_soon(self._run_one, kind, row)
+                    if not self._polling:
+                        polls = await self._claim_polls()
+                        if polls:  # one task polls them all and writes once
+                            self._polling = len(polls)
+                            self._inflight.update(("lora", row.id) for row in polls)
                             tg.start_soon(self._run_polls, polls)
                     with anyio.move_on_after(e.poll_interval_s):
                         await self._wake.wait()
@@ -80,11 +86,25 @@ class Engine:
             log.info("engine_stopped", owner=self.owner)
 
     async def _claim(self, limit: int) -> list[tuple[str, Any]]:
+        """Due rows for per-row steps (training polls excepted: see _claim_polls)."""
         lease = self.gw.settings.engine.lease_s
         async with self.gw.db.tx() as conn:
             jobs_due = await work.claim_due(conn, "job", owner=self.owner, lease_s=lease, limit=limit)
-            loras_due = await work.claim_due(conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(jobs_due))
+            loras_due = await work.claim_due(
+                conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(jobs_due), skip_stage="poll"
+            )
         return [("job", j) for j in jobs_due] + [("lora", lo) for lo in loras_due]
+
+    async def _claim_polls(self) -> list[Any]:
+        """Training polls due now or within POLL_LOOKAHEAD_S, as one batch: asking a little
+        early lets thousands of trainings in flight be polled in a few large batches."""
+        e = self.gw.settings.engine
+        lookahead = min(POLL_LOOKAHEAD_S, e.min_poll_interval_s / 4)
+        async with self.gw.db.tx() as conn:
+            return await work.claim_due(
+                conn, "lora", owner=self.owner, lease_s=e.lease_s, limit=POLL_BATCH, only_stage="poll",
+                at=now() + lookahead,
+            )
 
     async def _run_polls(self, rows: list[Any]) -> None:
         """Poll a batch of training loras; the answers that need more than "still running"
@@ -96,20 +116,15 @@ class Engine:
             rest = [(row, None) for row in rows]
         done = {row.id for row in rows} - {lora.id for lora, _ in rest}
         for lora_id in done:
-            self._finish("lora", lora_id)
-        async with anyio.create_task_group() as tg:
-            for lora, polled in rest:
-                tg.start_soon(self._run_one, "lora", lora, polled)
-
-    def _finish(self, kind: str, row_id: str) -> None:
-        key = (kind, row_id)
-        if key in self._rerun:  # claimed again while in flight: it is due, leased to us
-            self._rerun.discard(key)
-            self._inflight.discard(key)
-            self.wake()
-            return
-        self._inflight.discard(key)
-        self.wake()
+            self._inflight.discard(("lora", lora_id))
+            self._rerun.discard(("lora", lora_id))
+        try:
+            async with anyio.create_task_group() as tg:
+                for lora, polled in rest:
+                    tg.start_soon(self._run_one, "lora", lora, polled)
+        finally:
+            self._polling = 0
+            self._wake.set()  # claims only: a "still running" answer queues no webhook
 
     async def _run_one(self, kind: str, row: Any, polled: Any = None) -> None:
         """Run a leased row's steps. Every step ends by writing its row with the lease

@@ -199,21 +199,29 @@ async def image_by_key(conn: aiosqlite.Connection, storage_key: str) -> JobImage
 
 
 async def claim_due(
-    conn: aiosqlite.Connection, kind: str, *, owner: str, lease_s: float, limit: int, at: float | None = None
+    conn: aiosqlite.Connection, kind: str, *, owner: str, lease_s: float, limit: int, at: float | None = None,
+    only_stage: str | None = None, skip_stage: str | None = None,
 ) -> list[Lora] | list[Job]:
-    """Lease up to ``limit`` due rows of ``kind`` ('lora' or 'job'); return them, leased."""
+    """Lease up to ``limit`` rows of ``kind`` ('lora' or 'job') due by ``at`` (default now);
+    return them, leased. ``only_stage``/``skip_stage`` select by stage."""
     table, active = _TABLES[kind], _ACTIVE[kind]
-    t = now() if at is None else at
+    t = now()
+    due = t if at is None else at
     marks = ", ".join("?" for _ in active)
+    stage_sql, stage_args = "", []
+    if only_stage is not None:
+        stage_sql, stage_args = " AND stage = ?", [only_stage]
+    elif skip_stage is not None:
+        stage_sql, stage_args = " AND stage != ?", [skip_stage]
     rows = await conn.execute_fetchall(
         f"""UPDATE {table} SET lease_owner = ?, lease_expires = ?
             WHERE id IN (
               SELECT id FROM {table}
-              WHERE status IN ({marks}) AND next_run_at <= ?
+              WHERE status IN ({marks}) AND next_run_at <= ?{stage_sql}
                 AND (lease_expires IS NULL OR lease_expires < ?)
               ORDER BY next_run_at LIMIT ?)
             RETURNING *""",
-        (owner, t + lease_s, *active, t, t, limit),
+        (owner, t + lease_s, *active, due, *stage_args, t, limit),
     )
     return [row_to(Lora, r) for r in rows] if kind == "lora" else [_job(r) for r in rows]
 
