@@ -102,10 +102,16 @@ async def trigger_word_taken(conn: aiosqlite.Connection, word: str) -> bool:
 
 async def update_lora(conn: aiosqlite.Connection, lora_id: str, *, lease: str | None = None, **fields: Any) -> bool:
     """Update a lora; with ``lease`` only if that worker still holds it. Returns whether it did."""
+    return await _update_row(conn, "loras", _LORA_COLUMNS, lora_id, lease, fields)
+
+
+async def _update_row(
+    conn: aiosqlite.Connection, table: str, allowed: set[str], row_id: str, lease: str | None, fields: dict[str, Any]
+) -> bool:
     fields.setdefault("updated_at", now())
-    cols, values = _assignments(fields, _LORA_COLUMNS)
-    sql = f"UPDATE loras SET {cols} WHERE id = ?"
-    args = [*values, lora_id]
+    cols, values = _assignments(fields, allowed)
+    sql = f"UPDATE {table} SET {cols} WHERE id = ?"
+    args = [*values, row_id]
     if lease is not None:
         sql += " AND lease_owner = ?"
         args.append(lease)
@@ -165,15 +171,8 @@ async def job_models(conn: aiosqlite.Connection, team_id: str) -> list[str]:
 
 
 async def update_job(conn: aiosqlite.Connection, job_id: str, *, lease: str | None = None, **fields: Any) -> bool:
-    fields.setdefault("updated_at", now())
-    cols, values = _assignments(fields, _JOB_COLUMNS)
-    sql = f"UPDATE jobs SET {cols} WHERE id = ?"
-    args = [*values, job_id]
-    if lease is not None:
-        sql += " AND lease_owner = ?"
-        args.append(lease)
-    cur = await conn.execute(sql, args)
-    return cur.rowcount == 1
+    """Update a job; with ``lease`` only if that worker still holds it. Returns whether it did."""
+    return await _update_row(conn, "jobs", _JOB_COLUMNS, job_id, lease, fields)
 
 
 async def insert_job_images(conn: aiosqlite.Connection, images: Iterable[JobImage]) -> None:
