@@ -198,6 +198,7 @@ class SandboxProvider(Provider):
         with self._lock:
             if not (only_new and path.exists()):
                 atomic_write(path, lambda fh: fh.write(msgspec.json.encode(job)))
+                self._cache[job.ref] = (path.stat().st_mtime_ns, msgspec.structs.replace(job))
 
     async def _load(self, ref: str, typ: type[_J]) -> _J:
         """A job from disk, decoded once and kept while its file is unchanged (a cheap stat
