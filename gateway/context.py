@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -49,7 +49,6 @@ class Gateway:
     webhook_client: httpx.AsyncClient
     auth_cache: AuthCache
     wake: Callable[[], None] = lambda: None
-    closers: list[Any] = field(default_factory=list)
 
     @property
     def upload_limits(self) -> UploadLimits:

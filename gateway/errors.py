@@ -83,13 +83,3 @@ class RateLimited(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
-
-
-class ServiceUnavailable(GatewayError):
-    status_code = 503
-    code = "unavailable"
-
-
-class PayloadTooLarge(GatewayError):
-    status_code = 413
-    code = "payload_too_large"

@@ -8,7 +8,6 @@ from pathlib import Path
 from PIL import Image
 
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-CONTENT_TYPE = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 FORMAT_FROM_PIL = {v: k for k, v in PIL_FORMAT.items()}
 
 #: aspect_ratio -> (width, height): exact ratios, multiples of 16, about one megapixel

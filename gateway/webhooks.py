@@ -29,7 +29,6 @@ from gateway.timeutil import iso, new_id, now
 
 log = structlog.get_logger()
 
-LORA_DEFAULT_EVENTS = ("completed", "failed")
 JOB_DEFAULT_EVENTS = ("completed", "failed")
 
 

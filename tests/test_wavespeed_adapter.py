@@ -10,16 +10,14 @@ import hmac
 import io
 import json
 import os
-import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import msgspec
 import pytest
-import structlog
 from PIL import Image
 
 from gateway.imaging import SIZES
@@ -36,16 +34,6 @@ from tests.images import make_image
 WORD = "K7XQZ"
 BASE = "http://wavespeed.test"
 PUBLIC = "https://gw.example.com"
-
-
-@pytest.fixture(autouse=True)
-def _logs_to_current_stderr() -> Iterator[None]:
-    """Log to whatever ``sys.stderr`` is when a line is written. (An in-process CLI test elsewhere
-    configures structlog with pytest's capture stream, which is closed once that test ends.)"""
-    saved = structlog.get_config()
-    structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture

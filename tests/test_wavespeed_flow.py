@@ -13,12 +13,10 @@ import contextlib
 import io
 import json
 import socket
-import sys
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
-import structlog
 import uvicorn
 from litestar import Litestar
 from PIL import Image
@@ -28,16 +26,6 @@ from tests.fakes.wavespeed import FakeWaveSpeed, serve_on_loopback
 
 ENGINE = {"min_poll_interval_s": 0.05, "max_poll_interval_s": 0.2, "poll_interval_s": 0.05}
 ROUTING = {"training": {"providers": ["wavespeed"]}, "inference": {"providers": ["wavespeed"]}}
-
-
-@pytest.fixture(autouse=True)
-def _logs_to_current_stderr() -> Iterator[None]:
-    """Log to whatever ``sys.stderr`` is when a line is written. (An in-process CLI test elsewhere
-    configures structlog with pytest's capture stream, which is closed once that test ends.)"""
-    saved = structlog.get_config()
-    structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture

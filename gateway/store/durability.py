@@ -75,11 +75,6 @@ async def idempotency_put(conn: aiosqlite.Connection, rec: IdempotencyRecord) ->
     )
 
 
-async def idempotency_purge(conn: aiosqlite.Connection, older_than: float) -> int:
-    cur = await conn.execute("DELETE FROM idempotency WHERE created_at <= ?", (older_than,))
-    return cur.rowcount
-
-
 # --------------------------------------------------------------------------- deliveries
 
 

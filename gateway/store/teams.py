@@ -101,11 +101,6 @@ async def insert_key(
     )
 
 
-async def key_by_digest(conn: aiosqlite.Connection, digest: bytes) -> ApiKey | None:
-    rows = list(await conn.execute_fetchall("SELECT * FROM api_keys WHERE digest = ?", (digest,)))
-    return row_to(ApiKey, rows[0]) if rows else None
-
-
 async def key_with_team_limit(conn: aiosqlite.Connection, digest: bytes) -> tuple[ApiKey, int | None] | None:
     """The key for a digest plus its team's rate-limit override, in one query (the auth path)."""
     rows = list(
@@ -180,11 +175,6 @@ async def refund(conn: aiosqlite.Connection, team_id: str, *, ref: str, charge_k
     if not rows or rows[0][0] >= 0:
         return False
     return await apply_credits(conn, team_id, -rows[0][0], reason=reason, ref=ref, kind=f"{charge_kind}_refund")
-
-
-async def has_entry(conn: aiosqlite.Connection, ref: str, kind: str) -> bool:
-    rows = await conn.execute_fetchall("SELECT 1 FROM ledger WHERE ref = ? AND kind = ?", (ref, kind))
-    return bool(list(rows))
 
 
 async def ledger_for(conn: aiosqlite.Connection, team_id: str, limit: int = 1000) -> list[LedgerEntry]:

@@ -81,11 +81,6 @@ async def list_loras(
     return [row_to(Lora, r) for r in rows]
 
 
-async def lora_exists(conn: aiosqlite.Connection, lora_id: str, team_id: str) -> bool:
-    rows = await conn.execute_fetchall("SELECT 1 FROM loras WHERE id = ? AND team_id = ?", (lora_id, team_id))
-    return bool(list(rows))
-
-
 async def count_active_trainings(conn: aiosqlite.Connection, team_id: str) -> int:
     rows = await conn.execute_fetchall(
         "SELECT COUNT(*) FROM loras WHERE team_id = ? AND status IN ('PENDING','UPLOADING','TRAINING')", (team_id,)
@@ -189,11 +184,6 @@ async def job_images(conn: aiosqlite.Connection, job_id: str) -> list[JobImage]:
     return [row_to(JobImage, r) for r in rows]
 
 
-async def image_by_key(conn: aiosqlite.Connection, storage_key: str) -> JobImage | None:
-    rows = list(await conn.execute_fetchall("SELECT * FROM job_images WHERE storage_key = ?", (storage_key,)))
-    return row_to(JobImage, rows[0]) if rows else None
-
-
 # --------------------------------------------------------------------------- leases (both kinds)
 
 
@@ -238,17 +228,6 @@ async def release(conn: aiosqlite.Connection, kind: str, row_id: str, owner: str
                 WHERE id = ? AND lease_owner = ?""",
             (next_run_at, row_id, owner),
         )
-
-
-async def next_due_at(conn: aiosqlite.Connection) -> float | None:
-    rows = await conn.execute_fetchall(
-        """SELECT MIN(t) FROM (
-             SELECT MIN(next_run_at) AS t FROM loras WHERE status IN ('PENDING','UPLOADING','TRAINING')
-             UNION ALL
-             SELECT MIN(next_run_at) AS t FROM jobs WHERE status IN ('QUEUED','PROCESSING'))"""
-    )
-    value = list(rows)[0][0]
-    return float(value) if value is not None else None
 
 
 # --------------------------------------------------------------------------- attempts
