@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from gateway.errors import split_validation_error
+
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -190,11 +192,6 @@ def _expand_env(value: Any, where: str, env: dict[str, str]) -> Any:
     return value
 
 
-def _key_from_msgspec(err: msgspec.ValidationError) -> str:
-    m = re.search(r"at `\$\.?(.*)`", str(err))
-    return m.group(1) if m else ""
-
-
 def settings_from_mapping(raw: dict[str, Any] | None, *, env: dict[str, str] | None = None, source: str = "config") -> Settings:
     """Build Settings from a plain mapping (already parsed YAML), expanding ``${ENV}``."""
     env = dict(os.environ) if env is None else env
@@ -202,8 +199,7 @@ def settings_from_mapping(raw: dict[str, Any] | None, *, env: dict[str, str] | N
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as e:
-        key = _key_from_msgspec(e)
-        msg = str(e).split(" - at `")[0]
+        key, msg = split_validation_error(e)
         raise ConfigError(f"{source}: invalid value for `{key or '(top level)'}`: {msg}") from None
     _check_consistency(settings, source)
     return settings

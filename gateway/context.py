@@ -18,6 +18,7 @@ import structlog
 
 from gateway.authcache import AuthCache
 from gateway.config import ConfigError, Settings
+from gateway.errors import split_validation_error
 from gateway.engine.routing import CircuitBreaker, Router
 from gateway.netsafety import UrlPolicy, webhook_client
 from gateway.ratelimit import RateLimiter
@@ -74,10 +75,9 @@ def _decode_section(type_: type, raw: dict[str, Any], where: str) -> Any:
     try:
         return msgspec.convert(raw or {}, type_, strict=False)
     except msgspec.ValidationError as e:
-        text = str(e)
-        path = text.split("at `$")[-1].rstrip("`").lstrip(".") if "at `$" in text else ""
+        path, msg = split_validation_error(e)
         key = f"{where}.{path}" if path else where
-        raise ConfigError(f"invalid value for `{key}`: {text.split(' - at `')[0]}") from None
+        raise ConfigError(f"invalid value for `{key}`: {msg}") from None
 
 
 async def _signing_secret(db: Database, configured: str | None) -> bytes:

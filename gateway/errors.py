@@ -3,7 +3,18 @@ Apiframe's shape: ``{"error": "..."}`` plus ``details`` / the 402 fields where t
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
+
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def split_validation_error(err: Exception) -> tuple[str, str]:
+    """msgspec's ``"Expected `int`, got `str` - at `$.server.port`"`` as
+    ``("server.port", "Expected `int`, got `str`")``; the path is "" at the top level."""
+    text = str(err)
+    m = _AT_PATH.search(text)
+    return (m.group(1), text[: m.start()]) if m else ("", text)
 
 
 class GatewayError(Exception):

@@ -13,7 +13,7 @@ from gateway.context import Gateway
 from gateway.engine.jobs import CREDITS_PER_IMAGE
 from gateway.services import idempotency
 from gateway.services.loras import check_webhook_url
-from gateway.errors import InsufficientCredits, NotFound, ValidationFailed
+from gateway.errors import InsufficientCredits, NotFound, ValidationFailed, split_validation_error
 from gateway.store import teams as teams_store
 from gateway.store import work
 from gateway.store.models import Job, Principal
@@ -49,10 +49,8 @@ def decode_generate(body: bytes) -> GenerateImageRequest:
     try:
         req = msgspec.json.decode(body, type=GenerateImageRequest)
     except msgspec.ValidationError as e:
-        text = str(e)
-        m = re.search(r" - at `\$\.?([^`]*)`$", text)
-        path = (m.group(1) if m else "") or "body"
-        msg = text[: m.start()] if m else text
+        path, msg = split_validation_error(e)
+        path = path or "body"
         unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
         missing = re.match(r"Object missing required field `([^`]+)`", msg)
         if unknown or missing:
