@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import AsyncIterator
 
 import anyio
 import httpx
 import pluggy
+import structlog
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
@@ -22,6 +24,9 @@ from gateway.config import Settings
 from gateway.context import open_gateway
 from gateway.engine.worker import Engine
 from gateway.logging import request_id_middleware
+from gateway.uploads import sweep_spool_dirs
+
+log = structlog.get_logger()
 
 
 def create_app(
@@ -35,6 +40,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_gateway(settings, pm=pm, transports=transports) as gw:
+            tmp_root = Path(settings.uploads.tmp_dir) if settings.uploads.tmp_dir else None
+            swept = await anyio.to_thread.run_sync(sweep_spool_dirs, tmp_root)
+            if swept:  # spool directories of uploads cut short by a killed process
+                log.info("upload_spool_swept", count=swept)
             app.state.gw = gw
             app.state.engine = None
             async with anyio.create_task_group() as tg:

@@ -335,15 +335,14 @@ async def test_source_error_cleans_up(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-def test_structural_check_tells_whole_from_truncated(tmp_path: Path, fmt: str) -> None:
-    from gateway.uploads import _looks_whole
+def test_jpeg_layout_finds_the_primary_image_end() -> None:
+    from gateway.uploads import _jpeg_layout
 
-    data = make_image(fmt, (120, 90), seed=3)
-    whole = tmp_path / "whole"
-    whole.write_bytes(data)
-    cut = tmp_path / "cut"
-    cut.write_bytes(data[: len(data) * 2 // 3])
-    assert _looks_whole(whole, fmt)
-    if fmt != "PNG":  # a PNG is checked by verify() (every chunk's CRC) instead
-        assert not _looks_whole(cut, fmt)
+    base = make_image("JPEG", (120, 90), seed=3)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(base)).save(buf, format="JPEG", progressive=True)
+    progressive = buf.getvalue()
+    assert _jpeg_layout(base) == (len(base) - 2, True)  # one pass: done after the last MCU row
+    assert _jpeg_layout(progressive) == (len(progressive) - 2, False)  # done at EOI only
+    assert _jpeg_layout(base + base) == (len(base) - 2, True)  # the first image of two (as in an MPO)
+    assert _jpeg_layout(base[: len(base) * 2 // 3]) is None  # no EOI
