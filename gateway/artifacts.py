@@ -5,9 +5,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from gateway.engine.errors import StepError
 from providers.safetensors import SafetensorsInvalid, read_header
 
-ArtifactInvalid = SafetensorsInvalid
+
+class ArtifactInvalid(StepError):
+    """The weights are not a whole safetensors LoRA (retryable: the copy is made again)."""
+
+    retryable = True
 
 
 class ArtifactInfo:
@@ -26,7 +31,10 @@ def key_format(names: list[str]) -> str:
 
 
 def inspect_artifact(path: Path) -> ArtifactInfo:
-    header = read_header(path)
+    try:
+        header = read_header(path)
+    except SafetensorsInvalid as e:
+        raise ArtifactInvalid(f"the weights are not a valid safetensors file: {e}") from None
     names = [k for k in header if k != "__metadata__"]
     if not names:
         raise ArtifactInvalid("safetensors file holds no tensors")

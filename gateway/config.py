@@ -54,6 +54,9 @@ class DatabaseSettings(_Base):
     #: reads run on the event loop through a plain sqlite3 connection (every read is a short
     #: indexed lookup: cheaper than a hop to a database thread); false: a pool of threaded readers
     inline_reads: bool = True
+    #: write transactions run on the event loop through a plain sqlite3 connection, start to
+    #: commit in one go (the WAL checkpoint runs in a thread); false: an aiosqlite writer thread
+    inline_writes: bool = True
     #: size of the threaded reader pool (used when inline_reads is false)
     read_connections: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
 
@@ -72,6 +75,11 @@ class UploadSettings(_Base):
     max_image_pixels: PosInt = 40_000_000
     #: where uploads are spooled while streaming (default: the system temp dir)
     tmp_dir: str | None = None
+    #: ``decode``: every image's pixel data is decoded at upload, so a truncated or corrupt file
+    #: is a 400 (about 5 ms of CPU per MiB of JPEG); ``structure``: only a structural check
+    #: (end marker, chunk CRCs, sizes), cheaper, but a JPEG cut short with its end marker
+    #: appended then passes and trains on grey
+    pixel_check: Literal["decode", "structure"] = "decode"
 
 
 class DatasetSettings(_Base):
@@ -81,22 +89,67 @@ class DatasetSettings(_Base):
     captioner: str = "template"
 
 
+class OperationSettings(_Base):
+    """Timing for one operation (training or generation); unset keys inherit."""
+
+    #: an attempt that reports no progress (and no state change) for this long is stuck:
+    #: it is cancelled and the work moves on
+    stuck_after_s: Positive | None = None
+    #: an attempt still running this long after it was submitted is stuck, progress or not
+    deadline_s: Positive | None = None
+    #: status polls back off from min to max (default: ``engine.min/max_poll_interval_s``)
+    min_poll_interval_s: Positive | None = None
+    max_poll_interval_s: Positive | None = None
+
+
+class ProviderTimings(_Base):
+    training: OperationSettings = msgspec.field(default_factory=OperationSettings)
+    generation: OperationSettings = msgspec.field(default_factory=OperationSettings)
+
+
 class EngineSettings(_Base):
     #: how often idle workers look for due rows (new work in-process wakes them at once)
     poll_interval_s: Positive = 0.5
     #: a worker's lease on a row; a crashed worker's rows are taken over after this
     lease_s: Positive = 120
-    #: rows worked on at once by one process
+    #: steps (and provider status requests) run at once by one process, poll batches included
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
-    #: first wait between provider status polls, doubling up to ``max_poll_interval_s``
+    #: first wait between provider status polls, doubling up to ``max_poll_interval_s``;
+    #: the backoff restarts when an attempt's state changes
     min_poll_interval_s: Positive = 1.0
     max_poll_interval_s: Positive = 30.0
-    #: tries per lora or job across all providers (the fallback budget)
+    #: tries per lora or job across all providers (retries and fallbacks together)
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
-    #: an attempt with no progress for this long is abandoned and moved on
-    stuck_after_s: Positive = 3600
-    #: wait before retrying a step that raised an unexpected error
+    #: wait before retrying the same provider after a failed try (doubling per try), unless
+    #: the provider said when (Retry-After)
+    retry_backoff_s: NonNegative = 2.0
+    #: unexpected errors (bugs, storage failures) a lora or job may hit before it ends FAILED
+    max_crashes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    #: wait before retrying a step that raised an unexpected error (doubling per crash)
     crash_backoff_s: NonNegative = 10.0
+    #: lookups of an ambiguous submission (by attempt id) before it counts as unknown
+    reconcile_tries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    #: how long an ambiguous submission to a provider that cannot look jobs up waits for the
+    #: provider's callback before it counts as unknown (providers without callbacks: no wait)
+    reconcile_wait_s: NonNegative = 600
+    #: tries of a durable cancel request before it is abandoned (logged)
+    cancel_tries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 12
+    #: image decodes/encodes the engine runs at once (in threads, off the event loop);
+    #: null = half the machine's cores (at least one), leaving the rest to the API
+    image_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    #: how much lower those threads' CPU priority is (Linux nice; 0 = the same as the API), so a
+    #: busy machine serves requests first and the engine's image work takes what is left
+    image_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    #: trainings: stuck after an hour without progress, or a day after submission
+    training: OperationSettings = msgspec.field(
+        default_factory=lambda: OperationSettings(stuck_after_s=3600, deadline_s=86_400)
+    )
+    #: generations take seconds to minutes
+    generation: OperationSettings = msgspec.field(
+        default_factory=lambda: OperationSettings(stuck_after_s=300, deadline_s=1800, max_poll_interval_s=5)
+    )
+    #: per-provider overrides of ``training`` / ``generation``, keyed by provider name
+    providers: dict[str, ProviderTimings] = msgspec.field(default_factory=dict)
     #: largest artifact (LoRA weights) copied into storage
     max_artifact_mb: Positive = 2048
     #: largest generated image fetched from a provider
@@ -228,6 +281,9 @@ def _check_consistency(s: Settings, source: str) -> None:
         raise ConfigError(f"{source}: `uploads.min_images` is larger than `uploads.max_images`")
     if s.engine.min_poll_interval_s > s.engine.max_poll_interval_s:
         raise ConfigError(f"{source}: `engine.min_poll_interval_s` is larger than `engine.max_poll_interval_s`")
+    for name in s.engine.providers:
+        if name not in s.providers:
+            raise ConfigError(f"{source}: `engine.providers` names `{name}`, which is not configured under `providers`")
     for op in ("training", "inference"):
         route: RouteSettings = getattr(s.routing, op)
         if not route.providers:

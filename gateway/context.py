@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import structlog
 from gateway.authcache import AuthCache
 from gateway.config import ConfigError, Settings
 from gateway.errors import split_validation_error
+from gateway.imagework import ImageWorkers
 from gateway.engine.routing import CircuitBreaker, Router
 from gateway.netsafety import UrlPolicy, webhook_client
 from gateway.ratelimit import RateLimiter
@@ -49,6 +51,8 @@ class Gateway:
     url_policy: UrlPolicy
     webhook_client: httpx.AsyncClient
     auth_cache: AuthCache
+    #: the engine's image decoding/encoding: a few low-priority threads, off the event loop
+    image_workers: ImageWorkers
     wake: Callable[[], None] = lambda: None
 
     @property
@@ -61,6 +65,7 @@ class Gateway:
             max_total_bytes=int(u.max_total_mb * MB),
             max_body_bytes=int(u.max_total_mb * MB) + 5 * MB,
             max_image_pixels=u.max_image_pixels,
+            decode_pixels=u.pixel_check == "decode",
         )
 
     @property
@@ -141,8 +146,11 @@ async def open_gateway(
         busy_timeout_ms=settings.database.busy_timeout_ms,
         read_connections=settings.database.read_connections,
         inline_reads=settings.database.inline_reads,
+        inline_writes=settings.database.inline_writes,
     )
     await db.open()
+    image_workers = ImageWorkers(settings.engine.image_workers or max(1, (os.cpu_count() or 2) // 2),
+                                 nice=settings.engine.image_nice)
     providers: dict[str, Provider] = {}
     try:
         for name, raw in settings.providers.items():
@@ -153,6 +161,7 @@ async def open_gateway(
                 data_dir=data_dir,
                 public_base_url=settings.server.public_base_url,
                 http_client=http_client_factory(name),
+                image_workers=image_workers,
             )
             providers[name] = cls(cfg, setup)
         url_policy = UrlPolicy(settings.webhooks.allow_hosts)
@@ -172,6 +181,7 @@ async def open_gateway(
             url_policy=url_policy,
             webhook_client=webhook_http,
             auth_cache=AuthCache(settings.server.auth_cache_s),
+            image_workers=image_workers,
         )
         yield gw
     finally:
@@ -184,3 +194,4 @@ async def open_gateway(
             with contextlib.suppress(Exception):
                 await c.aclose()
         await db.close()
+        image_workers.close()

@@ -22,6 +22,7 @@ import anyio.to_thread
 import msgspec
 from PIL import Image, ImageOps
 
+from gateway.engine.errors import StepError
 from plugins.captioners.base import Captioner, CaptionContext, CaptionError
 from plugins.captioners.template import ensure_trigger
 
@@ -52,7 +53,7 @@ class PreparedDataset(msgspec.Struct, frozen=True, kw_only=True):
     captions: list[str]
 
 
-class DatasetError(Exception):
+class DatasetError(StepError):
     """An input image could not be turned into a dataset image."""
 
 

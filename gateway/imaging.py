@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 from PIL import Image
+
+from gateway.engine.errors import StepError
 
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 FORMAT_FROM_PIL = {v: k for k, v in PIL_FORMAT.items()}
@@ -22,25 +25,46 @@ SIZES: dict[str, tuple[int, int]] = {
 }
 
 
-class OutputInvalid(Exception):
-    pass
+class OutputInvalid(StepError):
+    """A provider's image is unreadable or too large (retryable: another try may do better)."""
+
+    retryable = True
+
+
+def structurally_whole(path: Path, fmt: str) -> bool:
+    """A cheap check that a file is complete, without decoding pixels: a JPEG ends with its EOI
+    marker, a WebP's RIFF size matches the file, a PNG's chunk CRCs (``verify()``) hold."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if fmt == "png":
+            with Image.open(f, formats=["PNG"]) as im:
+                im.verify()  # every chunk's CRC, up to IEND
+            return True
+        if fmt == "webp":
+            head = f.read(12)
+            riff = int.from_bytes(head[4:8], "little")
+            return head[:4] == b"RIFF" and head[8:12] == b"WEBP" and size in (riff + 8, riff + 9)
+        f.seek(max(0, size - 64))
+        return f.read().rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
 def finalise_image(src: Path, dest: Path, output_format: str, max_pixels: int = 64_000_000) -> tuple[int, int]:
-    """Decode a provider's image fully; write it to ``dest`` in ``output_format``.
+    """Check a provider's image and write it to ``dest`` in ``output_format``; its (width, height).
 
-    Bytes already in the right format are kept as they are; others are re-encoded.
+    Bytes already in the requested format are kept as they are after a structural check (no
+    pixel decode: that is the common case and the expensive part); anything else is decoded
+    fully and re-encoded. Blocking: run it in a thread.
     """
     try:
         with Image.open(src, formats=["PNG", "JPEG", "WEBP"]) as img:
             if img.width * img.height > max_pixels:
                 raise OutputInvalid("image has too many pixels")
-            img.load()
             fmt = FORMAT_FROM_PIL.get(img.format or "")
             size = img.size
-            if fmt == output_format:
-                dest.write_bytes(src.read_bytes())
+            if fmt == output_format and structurally_whole(src, fmt):
+                shutil.copyfile(src, dest)
                 return size
+            img.load()
             out = img.convert("RGB") if output_format == "jpg" or img.mode not in ("RGB", "RGBA") else img
             buf = io.BytesIO()
             opts = {"quality": 92} if output_format in ("jpg", "webp") else {}
@@ -49,5 +73,5 @@ def finalise_image(src: Path, dest: Path, output_format: str, max_pixels: int = 
             return size
     except OutputInvalid:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise OutputInvalid(f"provider returned an unreadable image: {e}") from None

@@ -157,10 +157,14 @@ class GenerationStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
     """A verified inbound callback: which provider job it is about. The gateway then asks the
-    provider for the job's status (the callback body itself is not trusted beyond the ref)."""
+    provider for the job's status (the callback body itself is not trusted beyond the ref).
+
+    ``attempt_id``, when the provider can tell it (e.g. from the callback URL it was given),
+    lets a callback resolve an ambiguous submission whose answer was lost."""
 
     ref: str
     kind: Literal["training", "generation"] = "training"
+    attempt_id: str | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -179,6 +183,19 @@ class ProviderError(Exception):
 
 
 class ProviderTimeout(ProviderError):
+    """No answer in time from a call that bills nothing (a status GET, an upload ticket): retry."""
+
+    retryable = True
+
+
+class ProviderOutcomeUnknown(ProviderError):
+    """The final, billable request (the training or generation submit) may have been accepted:
+    it was sent, but nothing came back that says either way (a timeout or a dropped connection
+    after sending, or a 5xx that is not the vendor's own error body, such as a 502/504 from a
+    proxy). Raise it only there. The engine never resends at once: it reconciles (looks the job
+    up by the attempt id where the provider can, else waits a bounded time for the provider's
+    callback), and otherwise marks the attempt ``unknown`` and never sends that work there again."""
+
     retryable = True
 
 
@@ -214,6 +231,10 @@ class ProviderSetup:
     public_base_url: str | None
     #: builds an httpx client for this provider (tests inject a transport through it)
     http_client: Callable[..., "httpx.AsyncClient"]
+    #: shared with the engine (``gateway.imagework.ImageWorkers``): ``await image_workers.run(fn,
+    #: *args)`` runs CPU-heavy image work (drawing, encoding) on low-priority threads, so the
+    #: API's event loop keeps the CPU it needs; None outside a gateway (then use your own thread)
+    image_workers: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -241,6 +262,8 @@ class Provider(ABC):
         return None
 
     async def cancel_training(self, ref: str) -> None:
+        """Cancel a training. Return once the vendor confirmed it or said it had already ended;
+        raise a retryable ProviderError to be asked again later (only if ``can_cancel``)."""
         return None
 
     # -- inference
@@ -252,6 +275,10 @@ class Provider(ABC):
 
     async def lookup_generation(self, attempt_id: str) -> GenerationStatus | None:
         """Find a generation by the gateway's attempt id (only if ``can_lookup``)."""
+        return None
+
+    async def cancel_generation(self, ref: str) -> None:
+        """Cancel a generation that is still running (a superseded attempt); as ``cancel_training``."""
         return None
 
     # -- files
@@ -266,7 +293,16 @@ class Provider(ABC):
         ``headers`` has lower-cased names. Only called when ``capabilities.webhooks_in``."""
         raise ProviderAuthError(f"{self.name} takes no callbacks")
 
+    # -- lifecycle
+    async def start(self) -> None:
+        """Begin background work (recovering trainings, scheduler threads). Called by the engine,
+        so only in processes that run it; an API-only process never calls it. The constructor
+        must have no side effects."""
+        return None
+
     async def aclose(self) -> None:
+        """Stop background work and release resources. Called once when the gateway closes,
+        whether or not ``start()`` was called."""
         return None
 
 

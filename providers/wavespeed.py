@@ -5,9 +5,13 @@ The wire contract is CONTRACTS.md §2. The vendor's JSON lives in private Struct
 clients, both built through ``setup.http_client``: one for the API (it carries the key) and one,
 with no credentials, for upload targets and result URLs on WaveSpeed's CDN.
 
-Submits (training, generation) are sent exactly once: a timeout after sending raises
-``ProviderTimeout`` and the engine decides. Status GETs and file downloads are retried on
-transport errors with backoff (``sleep`` is an attribute, so tests run instantly).
+Submits (training, generation) are sent exactly once. Only those final, billable POSTs can be
+ambiguous: a timeout or dropped connection after sending, or a 5xx that is not WaveSpeed's own
+``{code, message}`` envelope (a proxy's 502/504), raises ``ProviderOutcomeUnknown`` and the
+engine reconciles; a 5xx in the vendor's envelope is a refusal (``ProviderUnavailable``,
+retried with backoff). Calls before it (the upload ticket, the upload) are plain retryable
+errors. Status GETs and file downloads are retried on transport errors with backoff (``sleep``
+is an attribute, so tests run instantly).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from plugins.hookspecs import hookimpl
 from providers.base import (
     ASPECT_RATIOS, CallbackEvent, Capabilities, Cost, Dataset, GeneratedImage, GenerationSpec,
     GenerationStatus, InferenceCapabilities, LoraHandle, Provider, ProviderAuthError, ProviderError,
-    ProviderRateLimited, ProviderRejected, ProviderSetup, ProviderTimeout, ProviderUnavailable,
-    TrainingCapabilities, TrainingSpec, TrainingStatus, TrainingSubmission,
+    ProviderOutcomeUnknown, ProviderRateLimited, ProviderRejected, ProviderSetup, ProviderTimeout,
+    ProviderUnavailable, TrainingCapabilities, TrainingSpec, TrainingStatus, TrainingSubmission,
 )
 from providers.safetensors import SafetensorsInvalid, read_header
 
@@ -47,12 +51,25 @@ _CHUNK = 256 * 1024
 _WEBHOOK_TOLERANCE_S = 300
 _MIN_SIDE, _MAX_SIDE = 256, 1536
 _FORMATS = {"png": "png", "jpg": "jpeg", "webp": "webp"}
-#: vendor status -> (gateway state, retryable when failed)
+#: vendor status -> (gateway state, retryable when failed); ``failed`` is judged by its error text
 _STATES: dict[str, tuple[Literal["queued", "running", "succeeded", "failed"], bool]] = {
     "created": ("queued", False), "processing": ("running", False), "completed": ("succeeded", False),
-    "failed": ("failed", True), "timeout": ("failed", True), "cancelled": ("failed", False),
+    "failed": ("failed", False), "timeout": ("failed", True), "cancelled": ("failed", False),
     "deleted": ("failed", False),
 }
+#: a ``failed`` prediction whose error reads like the vendor's own trouble (not the request's)
+#: may succeed on another try; anything else (a bad dataset, a refused prompt) would fail again
+_TRANSIENT = re.compile(
+    r"time[ -]?out|timed out|internal|server error|unavailable|capacity|overload|busy|out of memory|\boom\b"
+    r"|cuda|gpu|network|connection|try again|temporar|interrupted|preempt|worker (?:died|lost|crash)",
+    re.IGNORECASE,
+)
+
+
+def _failure_retryable(status: str, error: str | None) -> bool:
+    if status == "failed":
+        return bool(_TRANSIENT.search(error or ""))
+    return _STATES.get(status, ("failed", False))[1]
 
 
 class WaveSpeedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -74,6 +91,9 @@ class WaveSpeedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     webhook_secret: str | None = None
     #: ``upload``: push the zip through WaveSpeed's media API; ``gateway_url``: hand over a signed gateway URL
     dataset_delivery: Literal["upload", "gateway_url"] = "upload"
+    #: connections to the API kept open (and reused); at least the engine's concurrency, so
+    #: status polls never reconnect
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
     cost_per_training: NonNegative = 1.0
     cost_per_image: NonNegative = 0.015
     max_steps: Annotated[int, msgspec.Meta(ge=500, le=4000)] = 4000
@@ -173,6 +193,8 @@ class WaveSpeedAdapter(Provider):
         self._api = setup.http_client(
             base_url=config.base_url.rstrip("/"), timeout=timeout,
             headers={"Authorization": f"Bearer {config.api_key}"},
+            limits=httpx.Limits(max_connections=config.max_connections,
+                                max_keepalive_connections=config.max_connections),
         )
         self._files = setup.http_client(timeout=timeout, follow_redirects=True)  # no credentials
         self.capabilities = Capabilities(
@@ -209,41 +231,48 @@ class WaveSpeedAdapter(Provider):
 
     @staticmethod
     def training_from_wire(p: _Prediction) -> TrainingStatus:
-        state, retryable = _STATES.get(p.status, ("running", False))
+        state, _ = _STATES.get(p.status, ("running", False))
         if state == "succeeded":
             if not p.outputs:
                 return TrainingStatus(state="failed", error="wavespeed: training completed without weights", retryable=True)
             return TrainingStatus(state="succeeded", progress=1.0, artifact_url=p.outputs[0])
         if state == "failed":
             return TrainingStatus(state="failed", error=f"wavespeed: training {p.status}: {_clip(p.error) or 'no reason given'}",
-                                  retryable=retryable)
+                                  retryable=_failure_retryable(p.status, p.error))
         return TrainingStatus(state=state, progress=0.0 if state == "queued" else None)
 
     @staticmethod
     def generation_from_wire(p: _Prediction) -> GenerationStatus:
-        state, retryable = _STATES.get(p.status, ("running", False))
+        state, _ = _STATES.get(p.status, ("running", False))
         if state == "succeeded":
             if not p.outputs:
                 return GenerationStatus(state="failed", ref=p.id, error="wavespeed: no images returned", retryable=True)
             return GenerationStatus(state="succeeded", ref=p.id, progress=1.0,
                                     images=[GeneratedImage(url=u) for u in p.outputs])
         if state == "failed":
-            return GenerationStatus(state="failed", ref=p.id, retryable=retryable,
+            return GenerationStatus(state="failed", ref=p.id, retryable=_failure_retryable(p.status, p.error),
                                     error=f"wavespeed: generation {p.status}: {_clip(p.error) or 'no reason given'}")
         return GenerationStatus(state=state, ref=p.id)
 
     # ------------------------------------------------------------------ HTTP plumbing
 
-    def _error(self, resp: httpx.Response, what: str) -> ProviderError:
-        """Map a non-2xx answer (or an error envelope) onto the ProviderError tree."""
+    def _error(self, resp: httpx.Response, what: str, *, final: bool = False) -> ProviderError:
+        """Map a non-2xx answer (or an error envelope) onto the ProviderError tree. ``final``: the
+        answer to a billable submit, where a 5xx without the vendor's own envelope (a proxy's
+        502/504, an HTML page) may follow an acceptance."""
         status = resp.status_code
         try:
             env = msgspec.json.decode(resp.content, type=_Envelope[Any])
             detail = str(env.message or (env.data.get("error") if isinstance(env.data, dict) else None) or "")
+            vendor = env.code is not None or env.message is not None
             if status < 400 and env.code:
                 status = env.code
         except (msgspec.DecodeError, msgspec.ValidationError):
-            detail = None
+            detail, vendor = None, False
+        if final and status >= 500 and not vendor:
+            log.warning("provider_http_error", provider=self.name, call=what, status_code=status, vendor_body=False)
+            return ProviderOutcomeUnknown(f"wavespeed: {what}: HTTP {status} without WaveSpeed's error body "
+                                          "(a proxy in between?); it may have been received")
         if status in (401, 403):
             log.error("provider_config_error", provider=self.name, call=what, status_code=status,
                       hint="check providers.wavespeed.api_key and the account balance")
@@ -258,12 +287,14 @@ class WaveSpeedAdapter(Provider):
             return ProviderError(message + " (insufficient balance)", retryable=True)
         return ProviderRejected(message)
 
-    def _decode(self, resp: httpx.Response, typ: type[T], what: str) -> T:
+    def _decode(self, resp: httpx.Response, typ: type[T], what: str, *, final: bool = False) -> T:
         if resp.status_code // 100 != 2:
-            raise self._error(resp, what)
+            raise self._error(resp, what, final=final)
         try:
             env = msgspec.json.decode(resp.content, type=_Envelope[typ])  # type: ignore[valid-type]
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            if final:  # a 2xx we cannot read: it was probably accepted
+                raise ProviderOutcomeUnknown(f"wavespeed: {what}: unreadable answer ({e}); it may have been received") from None
             raise ProviderUnavailable(f"wavespeed: {what}: unreadable answer ({e})") from None
         if env.code is not None and env.code >= 400:
             raise self._error(resp, what)
@@ -271,15 +302,19 @@ class WaveSpeedAdapter(Provider):
             raise ProviderUnavailable(f"wavespeed: {what}: answer has no data")
         return env.data
 
-    async def _submit(self, path: str, body: Any, what: str, **kw: Any) -> httpx.Response:
-        """One POST, never repeated: after it may have been sent, failures raise ProviderTimeout."""
+    async def _post(self, path: str, body: Any, what: str, *, final: bool = False, **kw: Any) -> httpx.Response:
+        """One POST, never repeated. Nothing was sent: ``ProviderUnavailable``. Sent but no answer:
+        for a ``final`` (billable) submit ``ProviderOutcomeUnknown``, else ``ProviderTimeout``."""
         try:
             return await self._api.post(path, content=msgspec.json.encode(body),
                                         headers={"Content-Type": "application/json"}, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
             raise ProviderUnavailable(f"wavespeed: {what}: could not connect ({type(e).__name__})") from None
         except httpx.TransportError as e:
-            raise ProviderTimeout(f"wavespeed: {what}: no answer ({type(e).__name__}); it may have been received") from None
+            if final:
+                raise ProviderOutcomeUnknown(
+                    f"wavespeed: {what}: no answer ({type(e).__name__}); it may have been received") from None
+            raise ProviderTimeout(f"wavespeed: {what}: no answer ({type(e).__name__})") from None
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         """Run an idempotent call, retrying transport errors and ProviderUnavailable
@@ -326,7 +361,7 @@ class WaveSpeedAdapter(Provider):
         size = (await anyio.Path(path).stat()).st_size
         if self._ticket_upload:
             meta = {"filename": path.name, "size": size, "content_type": "application/zip"}
-            resp = await self._submit("/api/v3/media/uploads", meta, "upload ticket")
+            resp = await self._post("/api/v3/media/uploads", meta, "upload ticket")
             if resp.status_code not in (404, 405):
                 ticket = self._decode(resp, _Upload, "upload ticket")
                 if ticket.upload is None:
@@ -367,18 +402,22 @@ class WaveSpeedAdapter(Provider):
     async def start_training(self, spec: TrainingSpec, dataset: Dataset) -> TrainingSubmission:
         zip_url = await self._zip_url(dataset)
         body = self.training_to_wire(spec, zip_url, self.config)
-        resp = await self._submit(f"/api/v3/{self.config.trainer_model}", body, "submit training",
-                                  params=self._webhook_params())
-        return TrainingSubmission(ref=self._decode(resp, _Prediction, "submit training").id)
+        resp = await self._post(f"/api/v3/{self.config.trainer_model}", body, "submit training", final=True,
+                                params=self._webhook_params())
+        return TrainingSubmission(ref=self._decode(resp, _Prediction, "submit training", final=True).id)
 
     async def training_status(self, ref: str) -> TrainingStatus:
         return self.training_from_wire(await self._prediction(ref, "training status"))
 
     async def cancel_training(self, ref: str) -> None:
-        """Best effort: a training that already ended (400/404) is left as it is."""
-        resp = await self._submit(self._path(ref, "cancel"), {}, "cancel")
+        """Cancel a prediction. A prediction that already ended (400/404) is left as it is: that
+        counts as done; other failures raise (the engine asks again later)."""
+        resp = await self._post(self._path(ref, "cancel"), {}, "cancel")
         if resp.status_code // 100 != 2 and resp.status_code not in (400, 404):
             raise self._error(resp, "cancel")
+
+    async def cancel_generation(self, ref: str) -> None:
+        await self.cancel_training(ref)  # one endpoint for every prediction
 
     # ------------------------------------------------------------------ inference
 
@@ -393,9 +432,9 @@ class WaveSpeedAdapter(Provider):
 
     async def generate(self, spec: GenerationSpec, lora: LoraHandle) -> GenerationStatus:
         body = self.generation_to_wire(spec, await self._lora_path(lora))
-        resp = await self._submit(f"/api/v3/{self.config.inference_model}", body, "submit generation",
-                                  params=self._webhook_params())
-        return self.generation_from_wire(self._decode(resp, _Prediction, "submit generation"))
+        resp = await self._post(f"/api/v3/{self.config.inference_model}", body, "submit generation", final=True,
+                                params=self._webhook_params())
+        return self.generation_from_wire(self._decode(resp, _Prediction, "submit generation", final=True))
 
     async def generation_status(self, ref: str) -> GenerationStatus:
         return self.generation_from_wire(await self._prediction(ref, "generation status"))

@@ -74,7 +74,8 @@ def fast_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """Embedded defaults, tuned so the engine moves quickly in tests."""
     cfg: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),
-        "engine": {"poll_interval_s": 0.05, "min_poll_interval_s": 0.05, "max_poll_interval_s": 0.2, "lease_s": 30},
+        "engine": {"poll_interval_s": 0.05, "min_poll_interval_s": 0.05, "max_poll_interval_s": 0.2, "lease_s": 30,
+                   "retry_backoff_s": 0.05, "crash_backoff_s": 0.05},
         "providers": {"sandbox": {"training_seconds": 0.3, "queue_seconds": 0.05}},
         "teams": {"rate_limit_per_minute": 0},
         "logging": {"level": "warning"},

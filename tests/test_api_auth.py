@@ -260,11 +260,28 @@ async def test_readyz(api: Api) -> None:
     assert body["checks"]["workers"] == "ok"
 
 
-async def test_readyz_without_workers(make_api: Callable[..., Any]) -> None:
+async def test_readyz_without_workers_needs_an_engine_somewhere(make_api: Callable[..., Any]) -> None:
+    """An API-only process is ready only while some engine (a `lora-gateway worker`) beats its
+    heartbeat row in the database; with none, it says so (it used to answer 200 regardless)."""
+    import anyio
+
+    from gateway.engine.worker import Engine
+
     async with make_api(server={"run_workers": False}) as api:
         r = await api.client.get("/readyz")
-        assert r.status_code == 200
-        assert r.json()["checks"] == {"database": "ok", "workers": "external"}
+        assert r.status_code == 503, r.text
+        checks = r.json()["checks"]
+        assert checks["database"] == "ok" and checks["workers"] == "none running"
+        assert "lora-gateway worker" in checks["hint"]
+        async with anyio.create_task_group() as tg:  # a worker starts against the same database
+            await tg.start(Engine(api.gw).run)
+            await anyio.sleep(0.1)
+            r = await api.client.get("/readyz")
+            assert r.status_code == 200, r.text
+            assert r.json()["checks"] == {"database": "ok", "workers": "external (1 running)"}
+            tg.cancel_scope.cancel()
+        r = await api.client.get("/readyz")  # it stopped cleanly: its heartbeat row is gone
+        assert r.status_code == 503
 
 
 async def test_openapi_schema_lists_the_v2_paths(api: Api) -> None:

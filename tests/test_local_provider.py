@@ -43,6 +43,7 @@ async def test_a_training_killed_with_the_gateway_resumes_from_its_checkpoint(ti
     data_dir = tmp_path / "data"
     cfg = dict(max_steps=STEPS, checkpoint_every=EVERY)
     p1 = make_local_provider(data_dir, tiny_flux, **cfg)
+    await p1.start()
     spec = TrainingSpec(attempt_id="att-1", lora_id="lora-1", name="me", subject_kind="person", steps=1000,
                         lora_rank=8, trigger_word="K7XQZ", team_id="team-a")
     source = write_dataset(tmp_path / "ds", n=3)
@@ -61,9 +62,11 @@ async def test_a_training_killed_with_the_gateway_resumes_from_its_checkpoint(ti
     os.kill(pid, signal.SIGKILL)  # ... and the training process dies with no chance to save
     p1.runner.slots["cpu"].proc.wait(timeout=10)
     p1.runner.slots["cpu"] = None
+    p1.runner.release_ownership()  # the dead gateway's lock goes with it
     assert p1.runner.load(ref).state == "running"  # nobody recorded the death
 
     p2 = make_local_provider(data_dir, tiny_flux, **cfg)
+    await p2.start()
     assert p2.recovered == [ref]
 
     async def finished() -> Any:

@@ -82,8 +82,12 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return {"python": str(script), "events": events, "model": model, "data": tmp_path / "data"}
 
 
-def provider(fake: dict[str, Any], **cfg: Any) -> Any:
-    return make_local_provider(fake["data"], fake["model"], **{"python": fake["python"], "max_steps": 5, **cfg})
+async def provider(fake: dict[str, Any], *, start: bool = True, **cfg: Any) -> Any:
+    """A LocalProvider as the gateway builds it; ``start``: as an engine process starts it."""
+    p = make_local_provider(fake["data"], fake["model"], **{"python": fake["python"], "max_steps": 5, **cfg})
+    if start:
+        await p.start()
+    return p
 
 
 def events(fake: dict[str, Any]) -> list[dict[str, Any]]:
@@ -147,7 +151,7 @@ def test_fair_queue_newcomer_team_goes_before_a_busy_team() -> None:
 
 
 async def test_one_training_per_device_round_robin_across_teams(fake: dict[str, Any], tmp_path: Path) -> None:
-    p = provider(fake)
+    p = await provider(fake)
     refs = {}
     for attempt, team in [("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B")]:
         refs[attempt] = (await p.start_training(tspec(attempt, team), dataset(tmp_path))).ref
@@ -165,7 +169,7 @@ async def test_one_training_per_device_round_robin_across_teams(fake: dict[str, 
 
 
 async def test_each_device_runs_its_own_training(fake: dict[str, Any], tmp_path: Path) -> None:
-    p = provider(fake, devices=["cuda:0", "cuda:1"])
+    p = await provider(fake, devices=["cuda:0", "cuda:1"])
     refs = [(await p.start_training(tspec(f"x{i}", f"T{i}"), dataset(tmp_path))).ref for i in range(4)]
     for ref in refs:
         assert (await wait_state(p, ref, ("succeeded", "failed"))).state == "succeeded"
@@ -180,7 +184,7 @@ async def test_each_device_runs_its_own_training(fake: dict[str, Any], tmp_path:
 
 
 async def test_progress_is_reported_and_the_artifact_fetched(fake: dict[str, Any], tmp_path: Path) -> None:
-    p = provider(fake, max_steps=40)
+    p = await provider(fake, max_steps=40)
     ref = (await p.start_training(tspec("p1"), dataset(tmp_path))).ref
     seen = []
     while (st := await p.training_status(ref)).state != "succeeded":
@@ -201,7 +205,7 @@ async def test_progress_is_reported_and_the_artifact_fetched(fake: dict[str, Any
 
 
 async def test_start_is_idempotent_copies_the_dataset_and_supports_lookup(fake: dict[str, Any], tmp_path: Path) -> None:
-    p = provider(fake)
+    p = await provider(fake)
     ds = dataset(tmp_path, n=3)
     sub = await p.start_training(tspec("same"), ds)
     for f in Path(ds.directory).iterdir():  # the gateway deletes its work dir after submitting
@@ -222,7 +226,7 @@ async def test_start_is_idempotent_copies_the_dataset_and_supports_lookup(fake: 
 
 
 async def test_bad_submissions_are_rejected(fake: dict[str, Any], tmp_path: Path) -> None:
-    p = provider(fake)
+    p = await provider(fake)
     ds = dataset(tmp_path, n=2)
     with pytest.raises(ProviderRejected, match="expected 3"):
         await p.start_training(tspec("n"), Dataset(zip_path=ds.zip_path, directory=ds.directory, image_count=3))
@@ -242,7 +246,7 @@ async def test_bad_submissions_are_rejected(fake: dict[str, Any], tmp_path: Path
 
 
 async def test_failures_map_to_retryable_or_not(fake: dict[str, Any], tmp_path: Path) -> None:
-    p = provider(fake)
+    p = await provider(fake)
     crash = (await p.start_training(tspec("c", word="CRASH"), dataset(tmp_path))).ref
     bad = (await p.start_training(tspec("f", word="FAILD"), dataset(tmp_path))).ref
     st = await wait_state(p, crash, ("failed",))
@@ -253,7 +257,7 @@ async def test_failures_map_to_retryable_or_not(fake: dict[str, Any], tmp_path: 
 
 
 async def test_cancel_kills_a_running_training_and_drops_a_queued_one(fake: dict[str, Any], tmp_path: Path) -> None:
-    p = provider(fake)
+    p = await provider(fake)
     slow = (await p.start_training(tspec("s", word="SLOWW"), dataset(tmp_path))).ref
     queued = (await p.start_training(tspec("q", team="B"), dataset(tmp_path))).ref
     await wait_state(p, slow, ("running",))
@@ -273,7 +277,7 @@ async def test_cancel_kills_a_running_training_and_drops_a_queued_one(fake: dict
 
 
 async def test_shutdown_checkpoints_and_a_restarted_provider_resumes(fake: dict[str, Any], tmp_path: Path) -> None:
-    p1 = provider(fake)
+    p1 = await provider(fake)
     slow = (await p1.start_training(tspec("s", word="SLOWW"), dataset(tmp_path))).ref
     later = (await p1.start_training(tspec("l", team="B"), dataset(tmp_path))).ref
     await wait_started(fake, slow)
@@ -281,7 +285,7 @@ async def test_shutdown_checkpoints_and_a_restarted_provider_resumes(fake: dict[
     assert [e["kind"] for e in events(fake) if e["ref"] == slow] == ["start", "term"]
     assert p1.runner.load(slow).state == "queued" and p1.runner.load(later).state == "queued"
 
-    p2 = provider(fake)  # the gateway starts again over the same data dir
+    p2 = await provider(fake)  # the gateway starts again over the same data dir
     assert p2.recovered == [slow, later]  # in submission order
     for ref in (slow, later):
         assert (await wait_state(p2, ref, ("succeeded", "failed"))).state == "succeeded"
@@ -290,14 +294,15 @@ async def test_shutdown_checkpoints_and_a_restarted_provider_resumes(fake: dict[
 
 
 async def test_a_worker_orphaned_by_a_crashed_gateway_is_replaced(fake: dict[str, Any], tmp_path: Path) -> None:
-    p1 = provider(fake)
+    p1 = await provider(fake)
     slow = (await p1.start_training(tspec("s", word="SLOWW"), dataset(tmp_path))).ref
     await wait_started(fake, slow)
     pid = p1.runner.load(slow).pid
     # the gateway "dies": its scheduler stops without reaping or signalling (the stand-in
     # worker, unlike the real one, does not ask for a parent-death signal)
     p1.runner.tick = lambda: None
-    p2 = provider(fake)
+    p1.runner.release_ownership()  # a dead process's lock is released by the kernel
+    p2 = await provider(fake)
     assert p2.recovered == [slow]
     assert [e["kind"] for e in events(fake) if e["ref"] == slow][:2] == ["start", "term"]
     p1.runner.slots["cpu"].proc.wait(timeout=5)
@@ -353,3 +358,41 @@ def test_the_real_worker_exits_at_once_when_its_parent_thread_dies(tmp_path: Pat
     if sys.platform.startswith("linux"):
         assert code == 75
     assert json.loads((job / "progress.json").read_text())["phase"] == "starting"
+
+
+async def test_other_processes_never_signal_the_owners_trainings(fake: dict[str, Any], tmp_path: Path) -> None:
+    """Building providers has no side effects: an API-only process and a second engine process on
+    the same data dir leave the first one's workers alone (they used to SIGTERM them on
+    construction). Jobs submitted or cancelled through them are carried out by the owner, and a
+    stand-by takes over when the owner goes."""
+    devices = ["cpu", "cuda:7"]  # two slots (the stand-in worker ignores the device)
+    owner = await provider(fake, devices=devices)
+    slow = (await owner.start_training(tspec("s", word="SLOWW"), dataset(tmp_path))).ref
+    await wait_started(fake, slow)
+    api_only = await provider(fake, start=False, devices=devices)  # `serve` with run_workers: false
+    other = await provider(fake, devices=devices)  # a second `lora-gateway worker`
+    assert owner.runner.owner and not other.runner.owner and other.recovered == []
+    await asyncio.sleep(1.0)
+    assert [e["kind"] for e in events(fake) if e["ref"] == slow] == ["start"]  # nobody signalled it
+    assert owner.runner.load(slow).state == "running"
+
+    quick = (await other.start_training(tspec("q", team="B"), dataset(tmp_path))).ref  # via the stand-by
+    assert (await wait_state(other, quick, ("succeeded", "failed"))).state == "succeeded"
+    assert quick in owner.runner.launched and other.runner.launched == []
+
+    pid = owner.runner.load(slow).pid
+    await other.cancel_training(slow)  # the owner kills the worker it started
+    assert (await wait_state(api_only, slow, ("failed",))).error == "cancelled"
+    deadline = time.monotonic() + 10
+    while any(slot is not None for slot in owner.runner.slots.values()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+    await owner.aclose()  # the owner stops: the stand-by takes the directory over
+    later = (await other.start_training(tspec("l", team="C"), dataset(tmp_path))).ref
+    assert (await wait_state(other, later, ("succeeded", "failed"))).state == "succeeded"
+    assert other.runner.owner and later in other.runner.launched
+    await other.aclose()
+    await api_only.aclose()

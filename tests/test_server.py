@@ -213,7 +213,7 @@ def test_engine_runs_as_its_own_process(tmp_path: Path) -> None:
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        assert ready.json()["checks"]["workers"] == "external"
+        assert ready.status_code == 503 and ready.json()["checks"]["workers"] == "none running"
         with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=30) as client:
             r = client.post("/v2/loras", data={"name": "W", "subjectKind": "object"}, files=multipart_files(image_set(15)))
             assert r.status_code == 202, r.text
@@ -225,6 +225,8 @@ def test_engine_runs_as_its_own_process(tmp_path: Path) -> None:
             )
             lora = poll(client, f"/v2/loras/{r.json()['id']}", {"READY", "FAILED"})
             assert lora["status"] == "READY", lora
+            ready = httpx.get(f"{base}/readyz", timeout=5)
+            assert ready.status_code == 200 and ready.json()["checks"]["workers"] == "external (1 running)"
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=15) == 0  # a clean stop on SIGTERM
     finally:

@@ -25,7 +25,7 @@ from plugins import manager as plugin_manager
 from plugins.storage.local import LocalStorage, LocalStorageConfig
 from providers.base import (
     Dataset, GenerationSpec, LoraHandle, ProviderAuthError, ProviderError, ProviderRateLimited,
-    ProviderRejected, ProviderSetup, ProviderTimeout, ProviderUnavailable, TrainingSpec,
+    ProviderOutcomeUnknown, ProviderRejected, ProviderSetup, ProviderTimeout, ProviderUnavailable, TrainingSpec,
 )
 from providers.wavespeed import WaveSpeedAdapter, WaveSpeedConfig, _Prediction
 from tests.fakes.wavespeed import FakeWaveSpeed, check_zip, sign
@@ -137,7 +137,8 @@ def test_every_gateway_size_fits_wavespeed(ratio: str) -> None:
 
 
 @pytest.mark.parametrize(("status", "state", "retryable"), [
-    ("created", "queued", False), ("processing", "running", False), ("failed", "failed", True),
+    ("created", "queued", False), ("processing", "running", False),
+    ("failed", "failed", False),  # "boom": nothing says the vendor was at fault, so it would fail again
     ("timeout", "failed", True), ("cancelled", "failed", False), ("deleted", "failed", False),
     ("warming-up", "running", False),  # an unknown word is treated as still running
 ])
@@ -375,15 +376,55 @@ async def test_get_timeouts_give_up(make: Callable[..., WaveSpeedAdapter], fake:
 
 
 async def test_submit_is_never_retried(make: Callable[..., WaveSpeedAdapter], fake: FakeWaveSpeed, tmp_path: Path) -> None:
+    """A timeout after the billable submit was sent is ambiguous (it may have been accepted)."""
     adapter = make(timeout_s=0.05)
     fake.script("train", None, delay=1)
-    with pytest.raises(ProviderTimeout, match="may have been received"):
+    with pytest.raises(ProviderOutcomeUnknown, match="may have been received"):
         await adapter.start_training(tspec(), make_zip(tmp_path / "ds"))
     assert len(fake.of_kind("train")) == 1 and adapter.sleep == []
     fake.script("generate", None, delay=1)
-    with pytest.raises(ProviderTimeout):
+    with pytest.raises(ProviderOutcomeUnknown):
         await adapter.generate(gspec(), handle(artifact_url="https://gw/a.safetensors"))
     assert len(fake.of_kind("generate")) == 1
+
+
+async def test_upload_ticket_timeout_is_not_ambiguous(make: Callable[..., WaveSpeedAdapter], fake: FakeWaveSpeed,
+                                                      tmp_path: Path) -> None:
+    """Nothing billable has been sent yet: a plain retryable timeout."""
+    adapter = make(timeout_s=0.05)
+    fake.script("ticket", None, delay=1)
+    with pytest.raises(ProviderTimeout) as e:
+        await adapter.start_training(tspec(), make_zip(tmp_path / "ds"))
+    assert e.value.retryable and not isinstance(e.value, ProviderOutcomeUnknown)
+    assert fake.of_kind("train") == []
+
+
+@pytest.mark.parametrize(("status", "body", "error"), [
+    (502, b"<html>502 Bad Gateway</html>", ProviderOutcomeUnknown),  # a proxy's page: maybe accepted
+    (504, b"", ProviderOutcomeUnknown),
+    (500, None, ProviderUnavailable),  # WaveSpeed's own {code, message} envelope: a refusal
+    (503, None, ProviderUnavailable),
+])
+async def test_submit_5xx_is_ambiguous_only_without_the_vendor_envelope(
+        make: Callable[..., WaveSpeedAdapter], fake: FakeWaveSpeed, tmp_path: Path,
+        status: int, body: bytes | None, error: type) -> None:
+    fake.script("train", status, body=body)
+    with pytest.raises(ProviderError) as e:
+        await make().start_training(tspec(), make_zip(tmp_path / "ds"))
+    assert type(e.value) is error and e.value.retryable
+    fake.script("result", status, body=body, times=4)  # a status GET is never ambiguous
+    with pytest.raises(ProviderUnavailable):
+        await make().training_status("abc123")
+
+
+@pytest.mark.parametrize(("error", "retryable"), [
+    ("CUDA out of memory", True), ("internal server error", True), ("job timed out", True),
+    ("GPU worker died", True), ("invalid zip: no images", False), ("content policy violation", False), (None, False),
+])
+def test_failed_prediction_retryable_by_its_error(error: str | None, retryable: bool) -> None:
+    got = WaveSpeedAdapter.training_from_wire(_Prediction(id="p1", status="failed", error=error))
+    assert got.retryable is retryable
+    assert WaveSpeedAdapter.generation_from_wire(_Prediction(id="g1", status="failed", error=error)).retryable is retryable
 
 
 async def test_connect_error_on_submit_is_unavailable(make: Callable[..., WaveSpeedAdapter], tmp_path: Path) -> None:

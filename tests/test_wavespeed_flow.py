@@ -58,9 +58,10 @@ async def serve_here(app: Litestar, sock: socket.socket) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def gateway(make_api: Callable[..., Any], fake: FakeWaveSpeed, base_url: str, *, delivery: str,
-                  public: bool, callbacks: bool = False, engine: dict[str, float] | None = None) -> AsyncIterator[Api]:
+                  public: bool, callbacks: bool = False, engine: dict[str, float] | None = None,
+                  timeout_s: float = 10) -> AsyncIterator[Api]:
     cfg: dict[str, Any] = {"api_key": fake.api_key, "base_url": base_url, "dataset_delivery": delivery,
-                           "timeout_s": 10, "poll_backoff_s": 0.05}
+                           "timeout_s": timeout_s, "poll_backoff_s": 0.05}
     if callbacks:
         cfg["webhook_secret"] = fake.webhook_secret
     with socket.socket() as sock:
@@ -171,3 +172,80 @@ async def test_callback_makes_the_poll_due_now(make_api: Callable[..., Any], ven
         async with httpx.AsyncClient(trust_env=False) as client:
             refused = await client.post(hook, content=delivery.body, headers=tampered)
         assert refused.status_code == 401
+
+
+# --------------------------------------------------------------------------- ambiguity only where it is
+
+
+async def _attempts(api: Api, lora_id: str) -> list[Any]:
+    from gateway.store import work
+
+    async with api.gw.db.read() as conn:
+        return await work.attempts_for(conn, "lora", lora_id)
+
+
+async def test_upload_ticket_timeout_is_retried_not_counted_unknown(make_api: Callable[..., Any],
+                                                                    vendor: tuple[FakeWaveSpeed, str]) -> None:
+    """Nothing billable was sent when the upload ticket times out: retry (the same provider may be
+    used again), never mark the provider 'unknown' for this LoRA."""
+    fake, base_url = vendor
+    async with gateway(make_api, fake, base_url, delivery="upload", public=False, timeout_s=0.5) as api:
+        fake.script("ticket", None, delay=1.5)  # the first ticket request hangs past the timeout
+        r = await api.create_lora(15)
+        lora = await api.wait_lora(r.json()["id"])
+        assert lora["status"] == "READY", lora
+        tries = await _attempts(api, lora["id"])
+        assert [(a.provider, a.state) for a in tries] == [("wavespeed", "failed"), ("wavespeed", "succeeded")]
+        assert "upload ticket" in tries[0].error and len(fake.of_kind("train")) == 1
+
+
+async def test_proxy_502_after_acceptance_is_never_resubmitted(make_api: Callable[..., Any],
+                                                               vendor: tuple[FakeWaveSpeed, str]) -> None:
+    """A 502 that is not WaveSpeed's own error body may follow an acceptance: the training is
+    never sent again (WaveSpeed cannot be asked by attempt id); with no other provider the LoRA
+    fails and the 255 comes back."""
+    fake, base_url = vendor
+    async with gateway(make_api, fake, base_url, delivery="upload", public=False) as api:
+        start = await api.credits()
+        fake.script("train", 502, body=b"<html><body>502 Bad Gateway</body></html>", accept=True)
+        r = await api.create_lora(15)
+        lora = await api.wait_lora(r.json()["id"])
+        assert lora["status"] == "FAILED" and "outcome unknown" in lora["error"], lora
+        assert len(fake.of_kind("train")) == 1  # it was accepted once, and never sent again
+        assert [a.state for a in await _attempts(api, lora["id"])] == ["unknown"]
+        assert await api.credits() == start  # 255 and 2 refunded: no training is known to have begun
+
+
+async def test_vendor_5xx_refusal_is_retried_with_backoff(make_api: Callable[..., Any],
+                                                          vendor: tuple[FakeWaveSpeed, str]) -> None:
+    """A 500 in WaveSpeed's own {code, message} envelope is a refusal: nothing was created, so
+    the same provider is tried again, after the retry backoff (not at once)."""
+    fake, base_url = vendor
+    async with gateway(make_api, fake, base_url, delivery="upload", public=False,
+                       engine={"retry_backoff_s": 0.6}) as api:
+        fake.script("train", 500)  # the fake's own envelope: {"code": 500, "message": ...}
+        r = await api.create_lora(15)
+        lora = await api.wait_lora(r.json()["id"])
+        assert lora["status"] == "READY", lora
+        tries = await _attempts(api, lora["id"])
+        assert [a.state for a in tries] == ["failed", "succeeded"]
+        assert tries[1].created_at - tries[0].finished_at >= 0.55  # backed off before the resend
+        assert len([p for p in fake.predictions.values() if p.kind == "training"]) == 1
+
+
+async def test_deterministic_vendor_failure_is_not_retrained(make_api: Callable[..., Any],
+                                                             vendor: tuple[FakeWaveSpeed, str]) -> None:
+    """A `failed` prediction whose error is about the request (not the vendor's trouble) would
+    fail again: no second training; a transient-looking one is tried once more."""
+    fake, base_url = vendor
+    async with gateway(make_api, fake, base_url, delivery="upload", public=False) as api:
+        fake.fail_trainings = "invalid training data: caption files do not match the images"
+        r = await api.create_lora(15)
+        lora = await api.wait_lora(r.json()["id"])
+        assert lora["status"] == "FAILED" and "invalid training data" in lora["error"]
+        assert len(fake.of_kind("train")) == 1
+        fake.fail_trainings = "CUDA out of memory on worker 3"
+        r = await api.create_lora(15)
+        lora = await api.wait_lora(r.json()["id"])
+        assert lora["status"] == "FAILED"
+        assert len(fake.of_kind("train")) == 3  # retried once on the same (only) provider

@@ -32,6 +32,8 @@ async def provider_callback(request: Request, provider_name: str) -> Response:
         log.warning("callback_rejected", provider=provider_name, error=e.message)
         raise Unauthorized("Callback verification failed") from None
     async with gw.db.tx() as conn:
+        if event.attempt_id:  # names the attempt: it may resolve a submission whose answer was lost
+            await work.bind_callback(conn, provider_name, event.attempt_id, event.ref)
         owner = await work.poll_now_for_ref(conn, provider_name, event.ref)
     log.info("callback_received", provider=provider_name, provider_ref=event.ref, applied=owner is not None)
     if owner is not None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from litestar import Request, Response, get
 from litestar.response import Stream
 
+from typing import Any
+
 from gateway.api.auth import caller, gateway
+from gateway.engine.worker import engine_stale_after
+from gateway.store import workers as workers_store
+from gateway.timeutil import now
 from gateway.errors import NotFound
 from gateway.services import accounts
 
@@ -26,20 +31,31 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", tags=["Health"], summary="The database answers and the workers run")
+@get("/readyz", tags=["Health"], summary="The database answers and an engine runs")
 async def readyz(request: Request) -> Response:
+    """200 when the database answers and the engine runs: in this process (``run_workers``),
+    or, for an API-only process, in some process whose heartbeat is recent."""
     gw = gateway(request)
-    checks: dict[str, str] = {}
+    checks: dict[str, Any] = {}
     try:
         checks["database"] = "ok" if await gw.db.ping() else "failed"
     except Exception:
         checks["database"] = "failed"
     engine = getattr(request.app.state, "engine", None)
+    lease = gw.settings.engine.lease_s
     if gw.settings.server.run_workers:
-        checks["workers"] = "ok" if engine is not None and engine.ready else "not running"
-    else:
-        checks["workers"] = "external"
-    ok = all(v in ("ok", "external") for v in checks.values())
+        status = engine.status() if engine is not None else {"state": "not running"}
+        checks["workers"] = status["state"]
+        if "faults" in status:
+            checks["faults"] = status["faults"]
+    elif checks["database"] == "ok":
+        async with gw.db.read() as conn:
+            live = await workers_store.live_workers(conn, since=now() - engine_stale_after(lease))
+        checks["workers"] = f"external ({len(live)} running)" if live else "none running"
+        if not live:
+            checks["hint"] = ("no `lora-gateway worker` process has beaten in the last "
+                              f"{engine_stale_after(lease):g} s: start one against this database")
+    ok = checks["database"] == "ok" and (checks.get("workers") == "ok" or str(checks.get("workers")).startswith("external"))
     return Response({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 

@@ -80,22 +80,31 @@ async def create(
     """Charge and queue a generation. Returns the job and whether it is an idempotent replay."""
     params = req.fluxLoraParams
     assert params is not None
-    request_digest = idempotency.digest(req)
+    request_digest = idempotency.digest(req) if idempotency_key else ""
     if idempotency_key:
         async with gw.db.read() as conn:
             earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, request_digest)
             if earlier is not None:
                 return await _existing(conn, earlier), True
     await check_webhook_url(gw, req.webhookUrl)
+    lora_id = params.loraId.lower()
     async with gw.db.read() as conn:
-        lora = await work.get_lora(conn, params.loraId.lower(), principal.team_id)
-    if lora is None:  # another team's LoRA reads exactly like a missing one
+        status = await work.lora_status(conn, lora_id, principal.team_id)
+    if status is None:  # another team's LoRA reads exactly like a missing one
         raise ValidationFailed.at("fluxLoraParams.loraId", "LoRA not found")
-    if lora.status != "READY":
-        raise ValidationFailed.at("fluxLoraParams.loraId", f"LoRA is not READY (its status is {lora.status})")
+    if status != "READY":
+        raise ValidationFailed.at("fluxLoraParams.loraId", f"LoRA is not READY (its status is {status})")
     cost = CREDITS_PER_IMAGE * params.num_outputs
     job_id = new_id()
     ts = now()
+    fields: dict[str, Any] = dict(
+        id=job_id, team_id=principal.team_id, user_id=principal.user_id, key_id=principal.key.id,
+        lora_id=lora_id, model=req.model, status="QUEUED", progress=0, input=msgspec.to_builtins(req),
+        credit_cost=cost, webhook_url=req.webhookUrl,
+        webhook_events=list(req.webhookEvents) if req.webhookEvents else None,
+        webhook_status="pending" if req.webhookUrl else None,
+        stage="start", next_run_at=ts, created_at=ts, updated_at=ts,
+    )
     async with gw.db.tx() as conn:
         if idempotency_key:  # a concurrent request with the same key may have won the race
             earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, request_digest)
@@ -105,19 +114,12 @@ async def create(
             await teams_store.apply_credits(conn, principal.team_id, -cost, reason="image generation", ref=job_id, kind="job")
         except teams_store.InsufficientBalance as e:
             raise InsufficientCredits(cost, e.available) from None
-        await work.insert_job(
-            conn, id=job_id, team_id=principal.team_id, user_id=principal.user_id, key_id=principal.key.id,
-            lora_id=lora.id, model=req.model, status="QUEUED", progress=0, input=msgspec.to_builtins(req),
-            credit_cost=cost, webhook_url=req.webhookUrl,
-            webhook_events=list(req.webhookEvents) if req.webhookEvents else None,
-            webhook_status="pending" if req.webhookUrl else None,
-            stage="start", next_run_at=ts, created_at=ts, updated_at=ts,
-        )
+        await work.insert_job(conn, **fields)
         if idempotency_key:
             await idempotency.remember(conn, principal.team_id, idempotency_key, ROUTE, request_digest, job_id)
-        job = await work.get_job(conn, job_id)
-    assert job is not None
-    log.info("job_created", job_id=job_id, lora_id=lora.id, credits=cost)
+    job = Job(**fields, error=None, lease_owner=None, lease_expires=None, attempts_used=0, started_at=None,
+              completed_at=None)
+    log.info("job_created", job_id=job_id, lora_id=lora_id, credits=cost)
     gw.wake()
     return job, False
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 import aiosqlite
 import msgspec
@@ -40,6 +40,8 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
     created_at: float
     delivered_at: float | None
+    #: replays asked for so far (see replay_delivery)
+    replays: int = 0
 
 
 class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +75,12 @@ async def idempotency_put(conn: aiosqlite.Connection, rec: IdempotencyRecord) ->
              created_at = excluded.created_at""",
         (rec.team_id, rec.key, rec.route, rec.request_digest, rec.object_id, rec.created_at),
     )
+
+
+async def idempotency_purge(conn: aiosqlite.Connection, *, older_than: float) -> int:
+    """Delete records created before ``older_than`` (they no longer answer replays)."""
+    cur = await conn.execute("DELETE FROM idempotency WHERE created_at < ?", (older_than,))
+    return cur.rowcount
 
 
 # --------------------------------------------------------------------------- deliveries
@@ -114,44 +122,70 @@ async def delivery_attempts(conn: aiosqlite.Connection, delivery_id: str) -> lis
     return [row_to(DeliveryAttempt, r) for r in rows]
 
 
-async def claim_deliveries(conn: aiosqlite.Connection, *, owner: str, lease_s: float, limit: int) -> list[str]:
+async def claim_deliveries(
+    conn: aiosqlite.Connection, *, owner: str, lease_s: float, limit: int, exclude: Iterable[str] = ()
+) -> list[str]:
+    """Lease up to ``limit`` due deliveries that nobody holds (or whose holder's lease ran out),
+    except those in ``exclude`` (the claimer's own deliveries in flight: their leases are kept
+    by renewal, never by claiming them again)."""
     t = now()
+    skip = list(exclude)
+    not_in = f"AND id NOT IN ({', '.join('?' for _ in skip)})" if skip else ""
     rows = await conn.execute_fetchall(
-        """UPDATE deliveries SET lease_owner = ?, lease_expires = ?
+        f"""UPDATE deliveries SET lease_owner = ?, lease_expires = ?
            WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND next_try_at <= ?
-                          AND (lease_expires IS NULL OR lease_expires < ?) ORDER BY next_try_at LIMIT ?)
+                          AND (lease_expires IS NULL OR lease_expires < ?) {not_in} ORDER BY next_try_at LIMIT ?)
            RETURNING id""",
-        (owner, t + lease_s, t, t, limit),
+        (owner, t + lease_s, t, t, *skip, limit),
     )
     return [r[0] for r in rows]
+
+
+class RecordedAttempt(NamedTuple):
+    attempt: int
+    #: what the delivery became: ``delivered`` | ``failed`` | ``pending`` (retry later) |
+    #: ``replayed`` (a replay arrived during the try: pending and due now) | None (the sender no
+    #: longer held the lease, so only the attempt was logged)
+    outcome: str | None
 
 
 async def record_delivery_attempt(
     conn: aiosqlite.Connection, d: Delivery, *, owner: str, status_code: int | None, error: str | None,
     duration_ms: int, outcome: str, next_try_at: float,
-) -> bool:
-    """Log one try and move the delivery on (lease-conditioned). Returns whether it applied."""
-    attempt = d.attempts + 1
-    cur = await conn.execute(
-        """UPDATE deliveries SET attempts = ?, status = ?, next_try_at = ?, last_status_code = ?, last_error = ?,
+) -> RecordedAttempt:
+    """Log one try (always: the try happened) and, if ``owner`` still holds the lease, move the
+    delivery on and release it. ``d`` is the row as read when the try began: if its ``replays``
+    count has moved since, an admin replay arrived during the try, so the delivery is left
+    pending and due now instead of taking ``outcome``."""
+    t = now()
+    rows = list(await conn.execute_fetchall(
+        """INSERT INTO delivery_attempts (delivery_id, attempt, at, status_code, error, duration_ms)
+           SELECT ?, COALESCE(MAX(attempt), 0) + 1, ?, ?, ?, ? FROM delivery_attempts WHERE delivery_id = ?
+           RETURNING attempt""",
+        (d.id, t, status_code, error, duration_ms, d.id),
+    ))
+    attempt = int(rows[0][0])
+    rows = list(await conn.execute_fetchall(
+        """UPDATE deliveries SET attempts = MAX(attempts, ?),
+             status = CASE WHEN replays = ? THEN ? ELSE 'pending' END,
+             next_try_at = CASE WHEN replays = ? THEN ? ELSE ? END,
+             last_status_code = ?, last_error = ?,
              delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END,
              lease_owner = NULL, lease_expires = NULL
-           WHERE id = ? AND lease_owner = ?""",
-        (attempt, outcome, next_try_at, status_code, error, outcome, now(), d.id, owner),
-    )
-    if cur.rowcount != 1:
-        return False
-    await conn.execute(
-        "INSERT INTO delivery_attempts (delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?)",
-        (d.id, attempt, now(), status_code, error, duration_ms),
-    )
-    return True
+           WHERE id = ? AND lease_owner = ?
+           RETURNING replays""",
+        (attempt, d.replays, outcome, d.replays, next_try_at, t, status_code, error, outcome, t, d.id, owner),
+    ))
+    if not rows:
+        return RecordedAttempt(attempt, None)
+    return RecordedAttempt(attempt, outcome if rows[0][0] == d.replays else "replayed")
 
 
 async def replay_delivery(conn: aiosqlite.Connection, delivery_id: str, team_id: str) -> bool:
+    """Make a delivery pending and due now (its id stays). A lease is left alone: a try in
+    flight still records its attempt, and, seeing ``replays`` moved, leaves the delivery due."""
     cur = await conn.execute(
-        """UPDATE deliveries SET status = 'pending', next_try_at = ?, lease_owner = NULL, lease_expires = NULL
-           WHERE id = ? AND team_id = ?""",
+        "UPDATE deliveries SET status = 'pending', next_try_at = ?, replays = replays + 1 WHERE id = ? AND team_id = ?",
         (now(), delivery_id, team_id),
     )
     return cur.rowcount == 1
@@ -163,5 +197,12 @@ async def release_deliveries(conn: aiosqlite.Connection, owner: str) -> None:
     )
 
 
-async def renew_delivery_leases(conn: aiosqlite.Connection, owner: str, until: float) -> None:
-    await conn.execute("UPDATE deliveries SET lease_expires = ? WHERE lease_owner = ?", (until, owner))
+async def renew_delivery_leases(conn: aiosqlite.Connection, owner: str, until: float, *, ids: Iterable[str]) -> None:
+    """Extend ``owner``'s leases on the deliveries it is sending now (only those)."""
+    ids = list(ids)
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        await conn.execute(
+            f"UPDATE deliveries SET lease_expires = ? WHERE lease_owner = ? AND id IN ({', '.join('?' for _ in chunk)})",
+            (until, owner, *chunk),
+        )

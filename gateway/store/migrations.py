@@ -203,4 +203,52 @@ def m002_durability() -> list[str]:
     ]
 
 
-MIGRATIONS = [m001_initial, m002_durability]
+def m004_webhook_deliveries() -> list[str]:
+    return [
+        # bumped by every admin replay: a try in flight when one arrives leaves the delivery due again
+        "ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0",
+        # leases are released by owner when a process stops
+        "CREATE INDEX deliveries_lease_owner ON deliveries (lease_owner) WHERE lease_owner IS NOT NULL",
+    ]
+
+
+def m003_engine() -> list[str]:
+    return [
+        # the crash budget: unexpected errors a row has hit (it ends FAILED after engine.max_crashes)
+        "ALTER TABLE loras ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        # per-attempt counters of their own (polls counts status polls in the current state only)
+        "ALTER TABLE attempts ADD COLUMN lookups INTEGER NOT NULL DEFAULT 0",  # reconcile lookups
+        "ALTER TABLE attempts ADD COLUMN fetches INTEGER NOT NULL DEFAULT 0",  # result copy tries
+        "UPDATE loras SET stage = 'finish' WHERE stage = 'fetch'",
+        # durable cancel requests: one per attempt, worked through by the engine until the
+        # vendor confirms (or says it had already ended)
+        """CREATE TABLE cancels (
+            attempt_id TEXT PRIMARY KEY REFERENCES attempts(id),
+            owner_kind TEXT NOT NULL,           -- 'lora' | 'job'
+            owner_id TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            provider_ref TEXT,                  -- NULL until known (a submit still in flight)
+            reason TEXT NOT NULL,
+            state TEXT NOT NULL,                -- pending | done | abandoned
+            tries INTEGER NOT NULL DEFAULT 0,
+            next_try_at REAL NOT NULL,
+            lease_owner TEXT,
+            lease_expires REAL,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            finished_at REAL
+        )""",
+        "CREATE INDEX cancels_due ON cancels (next_try_at) WHERE state = 'pending'",
+        # one row per process running the engine, beaten every few seconds (for /readyz)
+        """CREATE TABLE engine_workers (
+            owner TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            beat_at REAL NOT NULL
+        )""",
+    ]
+
+
+MIGRATIONS = [m001_initial, m002_durability, m003_engine, m004_webhook_deliveries]

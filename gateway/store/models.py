@@ -76,6 +76,7 @@ class Lora(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: float | None
     archived_at: float | None
     updated_at: float
+    crashes: int = 0
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +98,8 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     submitted_at: float | None
     progressed_at: float | None
     finished_at: float | None
+    lookups: int = 0
+    fetches: int = 0
 
 
 class Artifact(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +137,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float | None
     completed_at: float | None
     updated_at: float
+    crashes: int = 0
 
 
 class JobImage(msgspec.Struct, frozen=True, kw_only=True):

@@ -148,15 +148,12 @@ async def apply_credits(
     """Append one ledger entry and move the balance, in the caller's transaction.
 
     Returns False (and changes nothing) when an entry with this ``(ref, kind)`` already exists,
-    so a charge or refund can never happen twice. Raises InsufficientBalance when a debit
-    would take the balance below zero.
+    so a charge or refund can never happen twice. Raises InsufficientBalance, having written
+    nothing, when a debit would take the balance below zero: the balance is checked (and
+    moved) before the ledger row is written.
     """
-    cur = await conn.execute(
-        """INSERT INTO ledger (team_id, amount, reason, ref, kind, created_at)
-           VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (ref, kind) DO NOTHING""",
-        (team_id, amount, reason, ref, kind, now()),
-    )
-    if cur.rowcount == 0:
+    rows = list(await conn.execute_fetchall("SELECT 1 FROM ledger WHERE ref = ? AND kind = ?", (ref, kind)))
+    if rows:  # already applied (checked first: a repeat must never be refused for the balance)
         return False
     cur = await conn.execute(
         "UPDATE teams SET credits = credits + ? WHERE id = ? AND credits + ? >= 0", (amount, team_id, amount)
@@ -164,6 +161,10 @@ async def apply_credits(
     if cur.rowcount == 0:
         team = await get_team(conn, team_id)
         raise InsufficientBalance(-amount, team.credits if team else 0)
+    await conn.execute(
+        "INSERT INTO ledger (team_id, amount, reason, ref, kind, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (team_id, amount, reason, ref, kind, now()),
+    )
     return True
 
 

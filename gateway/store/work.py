@@ -61,6 +61,12 @@ async def get_lora(conn: aiosqlite.Connection, lora_id: str, team_id: str | None
     return row_to(Lora, rows[0]) if rows else None
 
 
+async def lora_status(conn: aiosqlite.Connection, lora_id: str, team_id: str) -> str | None:
+    """A team's LoRA's status (None: no such LoRA for this team); one indexed column."""
+    rows = list(await conn.execute_fetchall("SELECT status FROM loras WHERE id = ? AND team_id = ?", (lora_id, team_id)))
+    return rows[0][0] if rows else None
+
+
 async def list_loras(
     conn: aiosqlite.Connection, team_id: str, *, limit: int, cursor: str | None, include_archived: bool
 ) -> list[Lora]:
@@ -98,6 +104,12 @@ async def trigger_word_taken(conn: aiosqlite.Connection, word: str) -> bool:
 async def update_lora(conn: aiosqlite.Connection, lora_id: str, *, lease: str | None = None, **fields: Any) -> bool:
     """Update a lora; with ``lease`` only if that worker still holds it. Returns whether it did."""
     return await _update_row(conn, "loras", _LORA_COLUMNS, lora_id, lease, fields)
+
+
+async def update_row(conn: aiosqlite.Connection, kind: str, row_id: str, *, lease: str | None = None, **fields: Any) -> bool:
+    """``update_lora`` / ``update_job`` by kind ('lora' or 'job')."""
+    table = _TABLES[kind]
+    return await _update_row(conn, table, _LORA_COLUMNS if kind == "lora" else _JOB_COLUMNS, row_id, lease, fields)
 
 
 async def _update_row(
@@ -215,21 +227,6 @@ async def claim_due(
     return [row_to(Lora, r) for r in rows] if kind == "lora" else [_job(r) for r in rows]
 
 
-async def release(conn: aiosqlite.Connection, kind: str, row_id: str, owner: str, *, next_run_at: float | None = None) -> None:
-    table = _TABLES[kind]
-    if next_run_at is None:
-        await conn.execute(
-            f"UPDATE {table} SET lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ?",
-            (row_id, owner),
-        )
-    else:
-        await conn.execute(
-            f"""UPDATE {table} SET lease_owner = NULL, lease_expires = NULL, next_run_at = ?
-                WHERE id = ? AND lease_owner = ?""",
-            (next_run_at, row_id, owner),
-        )
-
-
 # --------------------------------------------------------------------------- attempts
 
 
@@ -268,19 +265,21 @@ async def current_attempts(conn: aiosqlite.Connection, kind: str, owner_ids: lis
     return out
 
 
-async def apply_running_polls(conn: aiosqlite.Connection, owner: str, updates: list[dict[str, Any]]) -> None:
-    """Record "still queued/running" answers for many loras and release them until their next
-    poll: two statements for the whole batch. Rows whose lease ``owner`` lost are left alone."""
+async def apply_running_polls(conn: aiosqlite.Connection, kind: str, owner: str, updates: list[dict[str, Any]]) -> None:
+    """Record "still queued/running" answers for many rows of ``kind`` and release them until
+    their next poll: two statements for the whole batch. Rows whose lease ``owner`` lost are
+    left alone."""
+    table = _TABLES[kind]
     t = now()
     await conn.executemany(
-        """UPDATE attempts SET state = ?, polls = ?, progress = ?, progressed_at = ?
-           WHERE id = ? AND EXISTS (SELECT 1 FROM loras WHERE id = ? AND lease_owner = ?)""",
-        [(u["state"], u["polls"], u["progress"], u["progressed_at"], u["attempt_id"], u["lora_id"], owner) for u in updates],
+        f"""UPDATE attempts SET state = ?, polls = ?, progress = ?, progressed_at = ?
+            WHERE id = ? AND EXISTS (SELECT 1 FROM {table} WHERE id = ? AND lease_owner = ?)""",
+        [(u["state"], u["polls"], u["progress"], u["progressed_at"], u["attempt_id"], u["owner_id"], owner) for u in updates],
     )
     await conn.executemany(
-        """UPDATE loras SET next_run_at = ?, updated_at = ?, lease_owner = NULL, lease_expires = NULL
-           WHERE id = ? AND lease_owner = ?""",
-        [(u["next_run_at"], t, u["lora_id"], owner) for u in updates],
+        f"""UPDATE {table} SET next_run_at = ?, updated_at = ?, lease_owner = NULL, lease_expires = NULL
+            WHERE id = ? AND lease_owner = ?""",
+        [(u["next_run_at"], t, u["owner_id"], owner) for u in updates],
     )
 
 
@@ -329,6 +328,21 @@ async def release_owner(conn: aiosqlite.Connection, owner: str) -> None:
         )
 
 
+async def bind_callback(conn: aiosqlite.Connection, provider: str, attempt_id: str, ref: str) -> bool:
+    """A verified callback names an attempt whose submission is still ambiguous (its answer was
+    lost): record the provider's job id, so the engine polls it instead of counting it unknown.
+    Only the current attempt of an active row, only while it has no ref."""
+    cur = await conn.execute(
+        """UPDATE attempts SET provider_ref = ?, state = 'queued', submitted_at = COALESCE(submitted_at, ?),
+             progressed_at = ?, polls = 0
+           WHERE id = ? AND provider = ? AND provider_ref IS NULL AND state IN ('submitting', 'ambiguous')
+             AND seq = (SELECT MAX(seq) FROM attempts b WHERE b.owner_kind = attempts.owner_kind
+                                                         AND b.owner_id = attempts.owner_id)""",
+        (ref, now(), now(), attempt_id, provider),
+    )
+    return cur.rowcount == 1
+
+
 async def poll_now_for_ref(conn: aiosqlite.Connection, provider: str, ref: str) -> str | None:
     """A verified callback about ``provider``'s job ``ref``: make its owner's poll due now.
 
@@ -349,7 +363,7 @@ async def poll_now_for_ref(conn: aiosqlite.Connection, provider: str, ref: str) 
     table, active = _TABLES[kind], _ACTIVE[kind]
     marks = ", ".join("?" for _ in active)
     cur = await conn.execute(
-        f"UPDATE {table} SET next_run_at = ? WHERE id = ? AND stage = 'poll' AND status IN ({marks})",
+        f"UPDATE {table} SET next_run_at = ? WHERE id = ? AND stage IN ('submit', 'poll') AND status IN ({marks})",
         (now(), owner_id, *active),
     )
     return owner_id if cur.rowcount == 1 else None

@@ -75,11 +75,22 @@ class LocalProvider(Provider):
                                          can_lookup=True, can_cancel=True, webhooks_in=False)
         self.runner = TrainingRunner(self.root / "trainings", list(config.devices), python=config.python,
                                      grace_s=config.shutdown_grace_s)
-        self.recovered = self.runner.recover()  # unfinished trainings of a previous run resume now
         self.submit_calls = 0
         self.hosts: list[Any] | None = None  # PipelineHost per inference device, made on first generate
         self._host_locks: list[anyio.Lock] | None = None
         self._host_slots: anyio.Semaphore | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Run trainings in this process (the engine calls this): take the runner directory if no
+        other live process owns it, resuming its unfinished trainings; else stand by."""
+        await anyio.to_thread.run_sync(self.runner.start)
+
+    @property
+    def recovered(self) -> list[str]:
+        """Unfinished trainings this process resumed when it took the runner directory."""
+        return self.runner.recovered
 
     # ------------------------------------------------------------------ training
 

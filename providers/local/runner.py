@@ -13,10 +13,21 @@ Layout under ``root`` (``<data_dir>/local/trainings``), one directory per job::
 A daemon thread reaps finished workers and starts queued jobs on free devices, in
 :class:`~providers.local.queue.FairQueue` order. Only this thread starts workers (Linux ties a
 worker's parent-death signal to the thread that forked it). No torch here.
+
+Ownership: several gateway processes may share ``root`` (an API process and workers on one data
+dir). Only the process holding an exclusive lock on ``root/.owner.lock`` (:meth:`start`) runs
+trainings: it recovers unfinished jobs, starts workers, and picks up jobs other processes
+submit (it scans ``root`` for queued jobs). Others only write job records: a submit leaves the
+job queued on disk, a cancel marks it cancelled, and the owner kills the worker it started.
+A process never signals a process it did not start (orphans of a dead owner excepted: the lock
+proves that owner is gone). When the owner dies its lock is released, and a waiting process
+takes over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -27,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Literal
+from typing import IO, Callable, Iterator, Literal
 
 import msgspec
 import structlog
@@ -40,6 +51,9 @@ log = structlog.get_logger()
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 EXIT_INTERRUPTED = 75
+#: how often a process that does not own the runner directory tries to take it over, and how
+#: often the owner scans it for jobs other processes submitted (in scheduler ticks)
+OWNER_POLL_TICKS = 10
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding ``providers/``
 
 
@@ -122,6 +136,9 @@ class TrainingRunner:
         self.queue = FairQueue()
         self.lock = threading.RLock()
         self.launched: list[str] = []  # refs in the order their workers were started (this process)
+        self.recovered: list[str] = []  # unfinished jobs this process took over when it became owner
+        self._owner_fd: int | None = None
+        self._ticks = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,6 +158,20 @@ class TrainingRunner:
     def save(self, job: _Job) -> None:
         write_json_atomic(self.job_dir(job.ref) / "job.json", msgspec.json.encode(job))
 
+    @contextlib.contextmanager
+    def job_lock(self, ref: str) -> Iterator[None]:
+        """Serialise read-modify-write of one job's record across processes (and threads)."""
+        with self.lock:
+            try:
+                fd = os.open(self.job_dir(ref) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # no such job: nothing to lock
+                yield
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
     def next_seq(self) -> int:
         with self.lock:
             self._seq = max(self._seq + 1, time.time_ns())
@@ -148,6 +179,44 @@ class TrainingRunner:
 
     def progress(self, ref: str) -> dict | None:
         return read_json(self.job_dir(ref) / "progress.json")
+
+    # ------------------------------------------------------------------ ownership
+
+    @property
+    def owner(self) -> bool:
+        return self._owner_fd is not None
+
+    def _try_own(self) -> bool:
+        """Take the runner directory if no live process holds it (non-blocking)."""
+        if self._owner_fd is not None:
+            return True
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._owner_fd = fd
+        self.recovered = self.recover()
+        log.info("local_runner_owned", root=str(self.root), recovered=len(self.recovered))
+        return True
+
+    def release_ownership(self) -> None:
+        """Give the runner directory up (``stop`` does; a dead process's lock goes by itself)."""
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+    def start(self) -> bool:
+        """Begin: own the runner directory if it is free (recovering its unfinished jobs) and run
+        the scheduler; else stand by and take over when its owner goes. Returns ownership."""
+        owned = self._try_own()
+        if not owned:
+            log.info("local_runner_standby", root=str(self.root),
+                     reason="another gateway process owns these trainings; this one takes over if it stops")
+        self.ensure_started()
+        return owned
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -199,37 +268,50 @@ class TrainingRunner:
                 self._thread.start()
 
     def enqueue(self, job: _Job) -> None:
+        """A new job on disk: the owner queues it now (another process's owner finds it by scanning)."""
+        if not self.owner:
+            return
         with self.lock:
             self.queue.push(job.ref, job.team_id, job.seq)
-        self.ensure_started()
         self._wake.set()
 
     def cancel(self, ref: str) -> bool:
-        """Cancel a queued or running job (its worker is killed); False if it had already ended."""
-        with self.lock:
+        """Cancel a queued or running job; False if it had already ended. The worker is killed by
+        the process that started it: this one now, or the owner when it sees the record."""
+        with self.job_lock(ref):
             job = self.load(ref)
             if job is None or job.state not in ACTIVE:
                 return False
-            self.queue.remove(ref)
             job.state, job.finished_at, job.error, job.retryable = "cancelled", self.clock(), "cancelled", False
             self.save(job)
-            for device, slot in self.slots.items():
-                if slot is not None and slot.ref == ref:
-                    self._signal(slot.proc, signal.SIGKILL)
-                    try:
-                        slot.proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:  # pragma: no cover - a process SIGKILL does not stop
-                        pass
-                    slot.log_file.close()
-                    self.slots[device] = None
-            self.remove_dataset(ref)
+        with self.lock:
+            self.queue.remove(ref)
+            self._kill_cancelled()
         log.info("local_training_cancelled", provider_ref=ref)
         self._wake.set()
         return True
 
+    def _kill_cancelled(self) -> None:
+        """Kill the workers this process started whose jobs were cancelled (here or elsewhere)."""
+        for device, slot in self.slots.items():
+            if slot is None:
+                continue
+            job = self.load(slot.ref)
+            if job is None or job.state != "cancelled":
+                continue
+            self._signal(slot.proc, signal.SIGKILL)
+            try:
+                slot.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a process SIGKILL does not stop
+                pass
+            slot.log_file.close()
+            self.slots[device] = None
+            self.remove_dataset(slot.ref)
+
     def stop(self) -> None:
         """Stop the thread; ask running workers to checkpoint (SIGTERM), kill them after the grace
-        period, and leave their jobs queued so the next start resumes them."""
+        period, and leave their jobs queued so the next start resumes them. Only workers this
+        process started are signalled. Ownership is given up last."""
         self._stop.set()
         self._wake.set()
         thread = self._thread
@@ -248,6 +330,7 @@ class TrainingRunner:
                     slot.proc.wait()
             for device, _ in running:
                 self._reap(device, stopping=True)
+        self.release_ownership()
 
     # ------------------------------------------------------------------ the thread
 
@@ -261,8 +344,17 @@ class TrainingRunner:
             self._wake.clear()
 
     def tick(self) -> None:
-        """Reap finished workers, then start queued jobs on free devices."""
+        """Reap finished workers, kill cancelled ones, then start queued jobs on free devices.
+        A process that does not own the directory only tries, now and then, to take it over."""
+        self._ticks += 1
+        if not self.owner:
+            if self._ticks % OWNER_POLL_TICKS == 0:
+                self._try_own()
+            return
         with self.lock:
+            if self._ticks % OWNER_POLL_TICKS == 0:
+                self._kill_cancelled()
+                self._scan()
             for device, slot in self.slots.items():
                 if slot is not None and slot.proc.poll() is not None:
                     self._reap(device)
@@ -274,6 +366,19 @@ class TrainingRunner:
                     if job is not None and job.state == "queued":
                         self._launch(device, job)
                         break
+
+    def _scan(self) -> None:
+        """Queue jobs other processes submitted (queued on disk, unknown here)."""
+        if not self.root.is_dir():
+            return
+        running = {slot.ref for slot in self.slots.values() if slot is not None}
+        for d in self.root.iterdir():
+            if d.name.startswith(".") or d.name in self.queue or d.name in running:
+                continue
+            job = self.load(d.name)
+            if job is not None and job.state == "queued":
+                self.queue.push(job.ref, job.team_id, job.seq)
+                self._seq = max(self._seq, job.seq)
 
     def _launch(self, device: str, job: _Job) -> None:
         job_dir = self.job_dir(job.ref)
@@ -291,10 +396,17 @@ class TrainingRunner:
             job.error, job.retryable = f"local: cannot start the training process: {e}", True
             self.save(job)
             return
-        job.state, job.device, job.pid = "running", device, proc.pid
-        job.launches += 1
-        job.started_at = job.started_at or self.clock()
-        self.save(job)
+        with self.job_lock(job.ref):
+            current = self.load(job.ref)
+            if current is not None and current.state == "cancelled":  # cancelled elsewhere meanwhile
+                self._signal(proc, signal.SIGKILL)
+                proc.wait()
+                log_file.close()
+                return
+            job.state, job.device, job.pid = "running", device, proc.pid
+            job.launches += 1
+            job.started_at = job.started_at or self.clock()
+            self.save(job)
         self.slots[device] = _Slot(job.ref, proc, log_file)
         self.launched.append(job.ref)
         log.info("local_training_started", provider_ref=job.ref, device=device, pid=proc.pid, launch=job.launches)
@@ -305,6 +417,10 @@ class TrainingRunner:
         self.slots[device] = None
         code = slot.proc.wait()
         slot.log_file.close()
+        with self.job_lock(slot.ref):
+            self._record_end(slot, code, stopping)
+
+    def _record_end(self, slot: _Slot, code: int, stopping: bool) -> None:
         job = self.load(slot.ref)
         if job is None or job.state != "running":
             return  # cancelled meanwhile

@@ -97,6 +97,7 @@ class _Scripted:
     retry_after: str | None
     delay: float
     body: bytes | None
+    accept: bool = False
 
 
 @dataclass
@@ -204,13 +205,15 @@ class FakeWaveSpeed:
     # ------------------------------------------------------------------ test controls
 
     def script(self, target: str, status: int | None = 500, *, times: int = 1, retry_after: str | float | None = None,
-               delay: float = 0.0, body: bytes | None = None) -> None:
+               delay: float = 0.0, body: bytes | None = None, accept: bool = False) -> None:
         """Answer the next ``times`` requests of ``target`` with ``status`` after ``delay`` seconds
         (``status=None``: answer normally after the delay). ``target`` is a kind (``train``,
         ``generate``, ``result``, ``cancel``, ``ticket``, ``binary``, ``put``, ``media``, ``cdn``)
-        or a path prefix starting with ``/``."""
+        or a path prefix starting with ``/``. ``accept``: the request is processed as usual (a
+        submit creates its prediction) and only the answer is replaced, as a proxy's 502/504 in
+        front of the vendor would do."""
         ra = None if retry_after is None else str(retry_after)
-        self._script.append(_Scripted(target, status, times, ra, delay, body))
+        self._script.append(_Scripted(target, status, times, ra, delay, body, accept))
 
     def advance(self, seconds: float) -> None:
         """Move the fake's clock forward."""
@@ -292,6 +295,8 @@ class FakeWaveSpeed:
                     self._script.remove(step)
                 if step.delay:
                     await asyncio.sleep(step.delay)
+                if step.accept:
+                    await self._respond(method, path, kind, headers, query, body, parsed, host)
                 if step.status is not None:
                     extra = {"retry-after": step.retry_after} if step.retry_after is not None else {}
                     return step.status, step.body if step.body is not None else _err(step.status, f"scripted {step.status}"), extra
