@@ -4,7 +4,9 @@
   until it answers, stop it (SIGTERM, then SIGKILL), keep its output for error reports;
 * :func:`start_gateway` — write a YAML config into a temp dir and run
   ``python -m gateway.cli serve --config FILE --port N``, reading the ``afk_...`` key it
-  prints on a new database;
+  prints on a new database (or given the key of a data dir copied with :func:`copy_data_dir`);
+* :func:`count_by_status` — jobs or LoRAs per status, read straight from a gateway's database;
+* :func:`create_small_lora`, :func:`wait_lora` — a LoRA through the API, and waiting for a status;
 * :class:`RssSampler` — a background thread sampling a process's RSS (baseline and peak);
 * :func:`median`, :func:`percentile`, :func:`table` — figures and a compact table;
 * :func:`small_jpegs` — tiny valid JPEGs for requests that only need *some* images;
@@ -209,6 +211,49 @@ def gateway_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--set engine.image_nice=0`` (values parsed as YAML) as a nested mapping."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def run_main(run: Any, args: Any) -> int:
+    """A benchmark's ``run(args)`` with the shared exits: 1 on a server error, 130 on Ctrl-C or
+    SIGTERM (every server stopped and temp dir removed on the way out)."""
+    handle_sigterm()
+    try:
+        return run(args)
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped, temp files removed", file=sys.stderr)
+        return 130
+
+
+def add_set_argument(parser: Any) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the gateways (a tuned run, labelled so), e.g. "
+                             "engine.image_nice=0 or uploads.pixel_check=structure; repeatable")
+
+
 class Gateway(Server):
     """``lora-gateway serve`` on a fresh data dir; ``key`` is the bootstrap team's API key."""
 
@@ -218,25 +263,61 @@ class Gateway(Server):
 
 
 @contextlib.contextmanager
-def start_gateway(tmp: Path, *, port: int | None = None, timeout: float = 60.0, **overrides: Any) -> Iterator[Gateway]:
-    """Write ``tmp/gateway.yaml`` (see :func:`gateway_config`) and serve it; stop it on exit."""
+def start_gateway(tmp: Path, *, port: int | None = None, timeout: float = 60.0, key: str | None = None,
+                  name: str = "gateway", **overrides: Any) -> Iterator[Gateway]:
+    """Write ``tmp/gateway.yaml`` (see :func:`gateway_config`) and serve it; stop it on exit.
+
+    ``key``: the data dir under ``tmp/data`` already holds a database (copied from an earlier
+    run, see :func:`copy_data_dir`) and this is its bootstrap key (none is printed then).
+    """
     port = port or free_port()
     cfg = gateway_config(tmp, **overrides)
     (tmp / "upload-tmp").mkdir(parents=True, exist_ok=True)
     config_path = tmp / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    gw = Gateway("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
-                             "--port", str(port)], port)
+    gw = Gateway(name, [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
+                        "--port", str(port)], port)
     gw.tmp, gw.config_path = tmp, config_path
     try:
         gw.start(timeout)
-        m = gw.wait_for_line(KEY_RE, 5.0)
-        if m is None:
-            raise ServerError(f"the gateway printed no afk_ API key (not a new database?):\n{gw.tail()}")
-        gw.key = m.group(0)
+        if key is None:
+            m = gw.wait_for_line(KEY_RE, 5.0)
+            if m is None:
+                raise ServerError(f"the gateway printed no afk_ API key (not a new database?):\n{gw.tail()}")
+            key = m.group(0)
+        gw.key = key
         yield gw
     finally:
         gw.stop()
+
+
+def copy_data_dir(src_tmp: Path, dest_tmp: Path) -> None:
+    """Copy a stopped gateway's ``data`` dir (database, blobs, sandbox state) from one
+    :func:`start_gateway` temp dir to another, so a new gateway starts from the same state."""
+    dest_tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src_tmp / "data", dest_tmp / "data")
+
+
+def database_path(gw: Gateway) -> Path:
+    """The gateway's SQLite file (the default ``database.path`` under ``data_dir``)."""
+    return gw.tmp / "data" / "gateway.sqlite3"
+
+
+def count_by_status(db: Path, table: str) -> dict[str, int]:
+    """``SELECT status, COUNT(*) FROM <table> GROUP BY status``, read-only (``jobs`` or ``loras``).
+
+    Read straight from the gateway's database while it runs (WAL: the reader does not block
+    the gateway's writer); cheaper than paging through the API for thousands of rows.
+    """
+    import sqlite3
+
+    if table not in ("jobs", "loras"):
+        raise ValueError(table)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(conn.execute(f"SELECT status, COUNT(*) FROM {table} GROUP BY status").fetchall())
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager
@@ -394,3 +475,20 @@ def create_small_lora(gw: Gateway, n_images: int = 15) -> dict[str, Any]:
     if r.status_code != 202:
         raise ServerError(f"POST /v2/loras answered {r.status_code}: {r.text[:500]}\n{gw.tail()}")
     return r.json()
+
+
+def wait_lora(gw: Gateway, lora_id: str, statuses: Sequence[str], timeout: float = 120.0) -> dict[str, Any]:
+    """Poll ``GET /v2/loras/{id}`` until its status is one of ``statuses`` (or FAILED: an error)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=10, headers={"X-API-Key": gw.key}) as client:
+        while True:
+            r = client.get(f"{gw.base_url}/v2/loras/{lora_id}")
+            if r.status_code != 200:
+                raise ServerError(f"GET /v2/loras/{lora_id} answered {r.status_code}: {r.text[:300]}\n{gw.tail()}")
+            body = r.json()
+            if body["status"] in statuses:
+                return body
+            if body["status"] in ("FAILED", "ARCHIVED") or time.monotonic() > deadline:
+                raise ServerError(f"lora {lora_id} is {body['status']} (waited for {'/'.join(statuses)}): "
+                                  f"{body.get('error')}\n{gw.tail()}")
+            time.sleep(0.1)

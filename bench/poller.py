@@ -1,27 +1,49 @@
-"""Poller cost with many trainings in flight on the sandbox provider.
+"""Poller cost with many trainings in flight: the sandbox in-process, or WaveSpeed over real HTTP.
 
-Seeds N LoRAs that are TRAINING at the sandbox (their jobs take hours, so every poll answers
-"running"), runs the engine in this process with a fixed poll interval, and measures over a
-window: status requests sent to the provider per minute (the goal: at most one per training
-per interval, i.e. N / interval * 60) and the process's CPU time as a share of one core
-(goal: under 25% at a 30 s interval).
+Seeds N LoRAs that are TRAINING at the provider (their jobs never finish during the run, so
+every poll answers "running"), runs the engine in this process with a fixed poll interval, and
+measures over a window: status requests the provider received per minute (the goal: at most
+one per training per interval, i.e. N / interval * 60) and this process's CPU time as a share
+of one core (goal: under 25% at a 30 s interval), and the CPU time per poll.
 
-    python bench/poller.py --trainings 10000 --interval 30 --window 90
+    python bench/poller.py --trainings 10000 --interval 30 --window 90                       # sandbox
+    python bench/poller.py --trainings 10000 --interval 30 --window 90 --provider wavespeed
+
+``--provider sandbox`` (default): the sandbox provider, in this process (a subclass counts the
+``training_status`` calls it answers); its job files are written under the data dir. The CPU
+share is the engine plus the sandbox's own work (a stat and a cached decode per poll).
+
+``--provider wavespeed``: the real ``WaveSpeedAdapter`` (``providers.wavespeed.base_url`` set
+to a ``FakeWaveSpeed`` from ``tests/fakes/wavespeed.py``), reached over HTTP on 127.0.0.1.
+The fake runs in a child process (``serve_on_loopback``, with the N predictions seeded as
+"processing" for the whole run), so this process's CPU is the engine and its HTTP client
+only, as with a remote vendor; the status requests (``GET /api/v3/predictions/{id}/result``)
+are counted on the fake's side, and its CPU is shown too.
+
+The engine is used as ``Engine(gw)`` from ``gateway.engine.worker`` with ``engine.run`` started
+in a task group (cancelled at the end); the rows are seeded with SQL into ``loras`` and
+``attempts`` (stage ``poll``, status TRAINING, attempt state ``running``). ``--strict`` exits 1
+when a goal is missed. The temp dir (database, sandbox files) is removed on every exit path.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
 import sys
-import tempfile
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anyio  # noqa: E402
+import httpx  # noqa: E402
 
+from bench._common import Server, ServerError, handle_sigterm, run_main, temp_dir, verdict  # noqa: E402
 from gateway.config import settings_from_mapping  # noqa: E402
 from gateway.context import open_gateway  # noqa: E402
 from gateway.engine.worker import Engine  # noqa: E402
@@ -31,6 +53,14 @@ from gateway.timeutil import new_id, now  # noqa: E402
 from plugins.hookspecs import hookimpl  # noqa: E402
 from plugins.manager import make_plugin_manager  # noqa: E402
 from providers import sandbox  # noqa: E402
+
+CPU_GOAL = 25.0  # % of one core
+RATE_GOAL = 1.0  # status requests per training per interval
+FAKE_API_KEY = "ws-bench-key"
+STATS_PATH = "/_bench/stats"
+
+
+# --------------------------------------------------------------------------- sandbox mode
 
 
 class CountingSandbox(sandbox.SandboxProvider):
@@ -50,7 +80,92 @@ class Plugin:
         register(CountingSandbox)
 
 
-async def seed(gw, provider: CountingSandbox, n: int) -> None:
+# --------------------------------------------------------------------------- wavespeed mode: the fake vendor
+
+
+def fake_ref(i: int) -> str:
+    return f"bench{i:06d}"
+
+
+class CountingApp:
+    """ASGI wrapper around the fake: counts status requests (and anything else, and non-200
+    answers); ``GET /_bench/stats`` answers the counts as JSON and is not counted."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts = {"status": 0, "other": 0, "non_200": 0}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path == STATS_PATH:
+            body = json.dumps(self.counts).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        is_status = scope["method"] == "GET" and re.fullmatch(r"/api/v3/predictions/[^/]+/result", path) is not None
+        self.counts["status" if is_status else "other"] += 1
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                self.counts["non_200"] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def serve_fake(trainings: int) -> None:
+    """The child process of ``--provider wavespeed``: FakeWaveSpeed with ``trainings``
+    predictions that stay "processing", served until SIGTERM."""
+    from tests.fakes.wavespeed import FakeWaveSpeed, _Prediction, serve_on_loopback
+
+    handle_sigterm()
+    fake = FakeWaveSpeed(api_key=FAKE_API_KEY, queue_s=0.0)
+    fake.requests = deque(maxlen=100)  # type: ignore[assignment]  # keep the recent ones only
+    app = CountingApp(fake.app)
+    try:
+        with serve_on_loopback(app) as base_url:
+            created = fake.now()
+            for i in range(trainings):
+                ref = fake_ref(i)
+                fake.predictions[ref] = _Prediction(
+                    id=ref, kind="training", model=fake.trainer_model,
+                    input={"trigger_word": f"W{i:05d}", "steps": 1000, "lora_rank": 16}, created=created,
+                    queue_s=0.0, run_s=10.0**9, host=base_url, created_at="2025-01-01T00:00:00.000Z",
+                )
+            print(f"FAKE_WAVESPEED {base_url} seeded {trainings}", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+class FakeVendor(Server):
+    """The fake vendor's child process; its base URL is read from the line it prints."""
+
+    LINE = re.compile(r"FAKE_WAVESPEED (http://127\.0\.0\.1:\d+) seeded")
+
+    def wait_ready(self, timeout: float) -> None:
+        m = self.wait_for_line(self.LINE, timeout)
+        if m is None:
+            raise ServerError(f"the fake WaveSpeed did not start within {timeout:.0f}s:\n{self.tail()}")
+        self.base_url = m.group(1)
+        self.port = int(self.base_url.rsplit(":", 1)[1])
+        self.health_path = STATS_PATH
+        super().wait_ready(10)
+
+    async def stats(self, client: Any) -> dict[str, int]:
+        return (await client.get(self.base_url + STATS_PATH)).json()
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+async def seed(gw, n: int, interval: float, provider_name: str, ref_of, before_insert=None) -> None:
+    """N loras TRAINING at ``provider_name`` with a running attempt (provider ref ``ref_of(i,
+    attempt_id)``), their first polls spread over one interval, as in a steady state."""
     _, new = await accounts.create_team(gw.db, name="bench", credits=0, max_concurrent_trainings=n)
     async with gw.db.read() as conn:
         (team_id, user_id) = list(await conn.execute_fetchall("SELECT team_id, user_id FROM api_keys"))[0]
@@ -58,15 +173,12 @@ async def seed(gw, provider: CountingSandbox, n: int) -> None:
     loras, attempts = [], []
     for i in range(n):
         lora_id, attempt_id = new_id(), new_id()
-        ref = sandbox._ref("t", attempt_id)
-        job = sandbox._TrainingJob(ref=ref, attempt_id=attempt_id, submitted_at=t, steps=1000, rank=16,
-                                   trigger_word=f"W{i:04d}"[:5], image_count=15, queue_seconds=0,
-                                   training_seconds=10**6, outcome="succeed")
-        provider._save(job)
-        # spread the first polls over one interval, as they would be in a steady state
+        ref = ref_of(i, attempt_id)
+        if before_insert is not None:
+            before_insert(i, ref, attempt_id, t)
         loras.append((lora_id, team_id, user_id, new.record.id, f"bench {i}", "object", "TRAINING", 15, 1000, 16,
-                      f"T{i:05d}", "poll", t + (i / n) * provider.config.training_seconds, t, t, t))
-        attempts.append((attempt_id, "lora", lora_id, 1, "counting", ref, "running", 0.1, 0, 0, t, t, t))
+                      f"T{i:05d}", "poll", t + (i / n) * interval, t, t, t))
+        attempts.append((attempt_id, "lora", lora_id, 1, provider_name, ref, "running", 0.1, 0, 0, t, t, t))
     async with gw.db.tx() as conn:
         await conn.executemany(
             """INSERT INTO loras (id, team_id, user_id, key_id, name, subject_kind, status, image_count, steps,
@@ -78,49 +190,151 @@ async def seed(gw, provider: CountingSandbox, n: int) -> None:
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", attempts)
 
 
-async def main_async(args: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------- the benchmark
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``engine`` settings: a fixed poll interval, and trainings never declared stuck during the
+    run (``engine.stuck_after_s``, or ``engine.training.stuck_after_s/deadline_s`` where the
+    settings have per-operation timings)."""
+    import msgspec
+
+    from gateway.config import EngineSettings
+
+    fields = {f.name for f in msgspec.structs.fields(EngineSettings)}
+    cfg: dict[str, Any] = {"min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval,
+                           "poll_interval_s": 0.5, "concurrency": args.concurrency}
+    if "stuck_after_s" in fields:
+        cfg["stuck_after_s"] = 10**7
+    if "training" in fields:
+        cfg["training"] = {"stuck_after_s": 10**7, "deadline_s": 10**7,
+                           "min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval}
+    return cfg
+
+
+async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | None) -> dict[str, Any]:
     configure_logging("console", "warning")
-    tmp = Path(tempfile.mkdtemp(prefix="lora-poller-"))
+    engine_cfg = engine_settings(args)
+    if fake is None:
+        name = "counting"
+        providers = {name: {"training_seconds": args.interval}}
+        pm = make_plugin_manager(load_entrypoints=False, extra=[Plugin()])
+    else:
+        name = "wavespeed"
+        providers = {name: {"api_key": FAKE_API_KEY, "base_url": fake.base_url}}
+        pm = make_plugin_manager(load_entrypoints=False)
     settings = settings_from_mapping({
-        "data_dir": str(tmp),
-        "providers": {"counting": {"training_seconds": args.interval}},
-        "routing": {"training": {"providers": ["counting"]}, "inference": {"providers": ["counting"]}},
-        "engine": {"min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval,
-                   "poll_interval_s": 0.5, "concurrency": args.concurrency, "stuck_after_s": 10**7},
+        "data_dir": str(tmp / "data"),
+        "providers": providers,
+        "routing": {"training": {"providers": [name]}, "inference": {"providers": [name]}},
+        "engine": engine_cfg,
     }, env={})
-    pm = make_plugin_manager(load_entrypoints=False, extra=[Plugin()])
     async with open_gateway(settings, pm=pm) as gw:
-        provider = gw.providers["counting"]
+        provider = gw.providers[name]
         t0 = time.perf_counter()
-        await seed(gw, provider, args.trainings)
-        print(f"seeded {args.trainings} trainings in {time.perf_counter() - t0:.1f} s; "
-              f"poll interval {args.interval:g} s, window {args.window:g} s")
-        engine = Engine(gw)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.run)
-            await anyio.sleep(args.warmup)
-            calls0, cpu0, wall0 = CountingSandbox.status_calls, time.process_time(), time.perf_counter()
-            await anyio.sleep(args.window)
-            calls, cpu, wall = (CountingSandbox.status_calls - calls0, time.process_time() - cpu0,
-                                time.perf_counter() - wall0)
-            tg.cancel_scope.cancel()
+        if fake is None:
+
+            def save_job(i: int, ref: str, attempt_id: str, t: float) -> None:
+                provider._save(sandbox._TrainingJob(
+                    ref=ref, attempt_id=attempt_id, submitted_at=t, steps=1000, rank=16,
+                    trigger_word=f"W{i:04d}"[:5], image_count=15, queue_seconds=0,
+                    training_seconds=10**6, outcome="succeed"))
+
+            await seed(gw, args.trainings, args.interval, name, lambda i, a: sandbox._ref("t", a), save_job)
+        else:
+            await seed(gw, args.trainings, args.interval, name, lambda i, a: fake_ref(i))
+        seeded_s = time.perf_counter() - t0
+        print(f"seeded {args.trainings} trainings in {seeded_s:.1f} s; poll interval {args.interval:g} s, "
+              f"window {args.window:g} s after {args.warmup:g} s", flush=True)
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+
+            async def counts() -> dict[str, int]:
+                if fake is None:
+                    return {"status": CountingSandbox.status_calls}
+                return await fake.stats(client)
+
+            engine = Engine(gw)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.run)
+                await anyio.sleep(args.warmup)
+                fake_cpu0 = fake.cpu_seconds() if fake else 0.0
+                c0 = await counts()
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                await anyio.sleep(args.window)
+                cpu1, wall1 = time.process_time(), time.perf_counter()
+                c1 = await counts()
+                fake_cpu = fake.cpu_seconds() - fake_cpu0 if fake else 0.0
+                tg.cancel_scope.cancel()
+    res: dict[str, Any] = {"calls": c1["status"] - c0["status"], "cpu": cpu1 - cpu0, "wall": wall1 - wall0,
+                           "fake_cpu": fake_cpu}
+    if fake is not None:
+        res["other"] = c1["other"] - c0["other"]
+        res["non_200"] = c1["non_200"] - c0["non_200"]
+    return res
+
+
+def run(args: argparse.Namespace) -> int:
+    with temp_dir("bench-poller-") as tmp:
+        if args.provider == "wavespeed":
+            fake = FakeVendor("fake-wavespeed", [sys.executable, str(Path(__file__).resolve()), "--_serve-fake",
+                                                 "--trainings", str(args.trainings)], 0)
+            with fake:
+                fake.start(timeout=60)
+                print(f"provider: wavespeed (the real WaveSpeedAdapter over HTTP to FakeWaveSpeed at {fake.base_url}, "
+                      f"a child process; status requests counted there)", flush=True)
+                res = asyncio.run(main_async(args, tmp, fake))
+                fake_alive, fake_log = fake.alive(), fake.tail(20)
+        else:
+            print("provider: sandbox (in this process; status calls counted by a subclass)", flush=True)
+            res = asyncio.run(main_async(args, tmp, None))
+            fake_alive, fake_log = True, ""
+
+    calls, cpu, wall = res["calls"], res["cpu"], res["wall"]
     per_min = calls / wall * 60
     bound = args.trainings / args.interval * 60
+    per_training = calls / args.trainings / (wall / args.interval)
+    share = cpu / wall * 100
+    print(f"mode              --provider {args.provider}")
     print(f"status requests   {per_min:,.0f} per minute  (bound: one per training per interval = {bound:,.0f})")
-    print(f"per training      {calls / args.trainings / (wall / args.interval):.2f} requests per interval")
-    print(f"engine CPU        {cpu / wall * 100:.1f}% of one core  (goal < 25%)")
+    print(f"per training      {per_training:.2f} requests per interval   (goal <= {RATE_GOAL:g}) -> "
+          f"{verdict(per_training <= RATE_GOAL)}")
+    print(f"engine CPU        {share:.1f}% of one core   (goal < {CPU_GOAL:g}%) -> {verdict(share < CPU_GOAL)}")
     print(f"CPU per poll      {cpu / max(calls, 1) * 1e3:.2f} ms")
+    problems = []
+    if args.provider == "wavespeed":
+        print(f"fake vendor CPU   {res['fake_cpu'] / wall * 100:.1f}% of one core (its own process; not in the engine's "
+              f"figure); other requests {res['other']}, non-200 answers {res['non_200']}")
+        if res["non_200"]:
+            problems.append(f"the fake answered {res['non_200']} requests with a non-200 status")
+        if not fake_alive:
+            problems.append(f"the fake WaveSpeed exited during the run:\n{fake_log}")
+    if calls == 0:
+        problems.append("no status request was made in the window")
+    if problems:
+        print("\nPROBLEMS:\n  " + "\n  ".join(problems))
+        return 1
+    ok = per_training <= RATE_GOAL and share < CPU_GOAL
+    return 0 if ok or not args.strict else 1
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--provider", choices=["sandbox", "wavespeed"], default="sandbox",
+                   help="sandbox in-process (default) or the WaveSpeed adapter over HTTP to a fake vendor")
     p.add_argument("--trainings", type=int, default=10_000)
     p.add_argument("--interval", type=float, default=30.0, help="poll interval (min = max) in seconds")
     p.add_argument("--window", type=float, default=90.0, help="measurement window in seconds")
     p.add_argument("--warmup", type=float, default=5.0)
-    p.add_argument("--concurrency", type=int, default=32)
-    asyncio.run(main_async(p.parse_args()))
+    p.add_argument("--concurrency", type=int, default=32, help="engine.concurrency (default 32)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument("--_serve-fake", dest="serve_fake", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_fake:
+        serve_fake(args.trainings)
+        return 0
+    return run_main(run, args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,33 +1,44 @@
 """Benchmark: ``POST /v2/loras`` with 30 photos (~99 MiB) over loopback vs a bare streaming endpoint.
 
-    python bench/upload.py [--repeats 5] [--warmup 1] [--images 30] [--image-mib 3.3]
+    python bench/upload.py [--repeats 5] [--warmup 1] [--images 30] [--image-mib 3.3] [--settle-timeout 300]
 
 Generates ``--images`` JPEGs of about ``--image-mib`` MiB each ONCE (random noise saved at
 quality 95, so they do not compress; the total is checked to stay within the gateway's
 100 MiB limit), builds ONE multipart body on disk (fields name/subjectKind/gender/ethnicity
 plus one ``images`` part per photo) and sends that same body, streamed from the file with
-httpx and an explicit Content-Length, to two servers, each in its own process under uvicorn:
+httpx and an explicit Content-Length, to three servers, each in its own process under uvicorn:
 
-* the gateway (``python -m gateway.cli serve``, fresh data dir, ``server.run_workers: false``),
+* ``engine off``: the gateway (``python -m gateway.cli serve``, fresh data dir,
+  ``server.run_workers: false``): the engine does not run, so no dataset preparation happens
+  after the 202, only the request path is measured and every LoRA stays PENDING. The goals
+  were set on this figure;
+* ``default``: the gateway with its default configuration (fresh data dir, the engine in the
+  API process): after each 202 the engine prepares the dataset in the same process (decodes,
+  resizes and re-encodes the 30 photos, captions, zips) and submits the training to the
+  sandbox, where it stays in flight (an hour-long training; the team's cap is 1000). This is
+  what a user gets;
 * a baseline: a bare Litestar app defined in this file whose only POST endpoint streams the
   request body to a temp file (``async for chunk in request.stream()``) and answers 202.
 
-Requests alternate gateway/baseline (the order flips every repeat) after ``--warmup``
-unmeasured requests to each. Prints the median time-to-response of each, the ratio
-gateway/baseline (goal <= 1.5), the server CPU time (user+sys) per upload of each (less
-sensitive to a busy machine than wall time) and the gateway's peak RSS growth during the measured
-uploads over its RSS just before them (goal <= 64 MiB), sampled every 5 ms with psutil.
+Requests are sent one at a time, alternating between the servers (the order flips every
+repeat) after ``--warmup`` unmeasured requests to each. After each request to ``default`` the
+benchmark waits (at most ``--settle-timeout`` s) until that LoRA is TRAINING, so its
+background preparation never overlaps another server's (or its own next) request; that wait
+is reported as "prep s" and the CPU the gateway spent in it as "bg CPU s".
 
-With ``run_workers: false`` the gateway's engine does not run, so no dataset preparation
-(image decoding/resizing) happens in the background after each 202: only the request path
-is measured. Each measured request creates one PENDING LoRA (the team's concurrency cap is
-raised to 1000 for that).
+Prints the median time-to-response of each, the ratio gateway/baseline for each gateway (goal
+<= 1.5), the server CPU time (user+sys) per upload (less sensitive to a busy machine than
+wall time), and each gateway's peak RSS growth during the measured uploads over its RSS just
+before them (goal <= 64 MiB), sampled every 5 ms with psutil: for ``default`` this includes
+the dataset preparation. ``--strict`` checks the goals on the engine-off figures; the default
+ones are shown against the same goals for reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import secrets
 import sys
@@ -41,8 +52,9 @@ from litestar import Litestar, Request, Response, get, post
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    LORA_FIELDS, MiB, RssSampler, Server, ServerError, free_port, handle_sigterm, median, mib,
-    start_gateway, table, temp_dir, verdict,
+    run_main,
+    LORA_FIELDS, MiB, RssSampler, Server, ServerError, add_set_argument, free_port, median,
+    merge, mib, parse_sets, start_gateway, table, temp_dir, verdict, wait_lora,
 )
 
 RATIO_GOAL = 1.5
@@ -138,6 +150,9 @@ def post_once(client, url: str, body: Path, content_type: str, headers: dict[str
     return elapsed, r.status_code, r.text
 
 
+LABELS = {"off": "engine off", "default": "default", "baseline": "baseline"}
+
+
 def run(args: argparse.Namespace) -> int:
     import httpx
 
@@ -164,79 +179,108 @@ def run(args: argparse.Namespace) -> int:
         port = free_port()
         baseline = Server("baseline", [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(port),
                                        "--spool-dir", str(spool)], port)
-        gw_tmp = tmp / "gateway"
-        gw_tmp.mkdir()
-        with baseline, start_gateway(gw_tmp, server={"run_workers": False}) as gw:
+        (tmp / "engine-off").mkdir()
+        (tmp / "default").mkdir()
+        tuned = parse_sets(args.set)
+        if tuned:
+            print(f"TUNED run: both gateways with {', '.join(args.set)} (the 'default' rows are not the default config)")
+        with baseline, start_gateway(tmp / "engine-off", name="engine-off",
+                                     **merge(tuned, {"server": {"run_workers": False}})) as off, \
+                start_gateway(tmp / "default", name="default", **tuned) as dflt:
             baseline.start()
             targets = {
-                "gateway": (gw, f"{gw.base_url}/v2/loras", {"X-API-Key": gw.key}),
-                "baseline": (baseline, f"{baseline.base_url}/v2/loras", {"X-API-Key": gw.key}),
+                "off": (off, f"{off.base_url}/v2/loras", {"X-API-Key": off.key}),
+                "default": (dflt, f"{dflt.base_url}/v2/loras", {"X-API-Key": dflt.key}),
+                "baseline": (baseline, f"{baseline.base_url}/v2/loras", {"X-API-Key": off.key}),
             }
             times: dict[str, list[float]] = {name: [] for name in targets}
+            cpu_req: dict[str, list[float]] = {name: [] for name in targets}  # to the response
+            cpu_bg: list[float] = []  # default: after the 202 until the LoRA is TRAINING
+            prep_s: list[float] = []
             failures: list[str] = []
             with httpx.Client(timeout=httpx.Timeout(300.0)) as client:
 
-                def one(name: str) -> float | None:
+                def one(name: str, measured: bool) -> None:
                     server, url, headers = targets[name]
+                    cpu0 = server.cpu_seconds()
                     elapsed, status, text = post_once(client, url, body, content_type, headers)
+                    cpu1 = server.cpu_seconds()
                     if status != 202:
-                        failures.append(f"{name}: HTTP {status}: {text[:300]}")
-                        return None
-                    return elapsed
+                        failures.append(f"{LABELS[name]}: HTTP {status}: {text[:300]}")
+                        return
+                    if name == "default":  # let its engine prepare the dataset before anything else runs
+                        t = time.perf_counter()
+                        wait_lora(dflt, json.loads(text)["id"], ["TRAINING", "READY"], timeout=args.settle_timeout)
+                        if measured:
+                            prep_s.append(time.perf_counter() - t)
+                            cpu_bg.append(server.cpu_seconds() - cpu1)
+                    if measured:
+                        times[name].append(elapsed)
+                        cpu_req[name].append(cpu1 - cpu0)
 
                 for _ in range(args.warmup):
                     for name in targets:
-                        one(name)
+                        one(name, False)
                 if failures:
-                    raise ServerError("warm-up failed:\n" + "\n".join(failures) + "\n" + gw.tail())
+                    raise ServerError("warm-up failed:\n" + "\n".join(failures) + "\n" + off.tail() + "\n" + dflt.tail())
 
-                gw_rss = RssSampler(gw.pid)
-                base_rss = RssSampler(baseline.pid)
-                cpu0 = {name: server.cpu_seconds() for name, (server, _, _) in targets.items()}
-                with gw_rss, base_rss:
+                rss = {name: RssSampler(server.pid) for name, (server, _, _) in targets.items()}
+                with rss["off"], rss["default"], rss["baseline"]:
                     for i in range(args.repeats):
-                        order = ["gateway", "baseline"] if i % 2 == 0 else ["baseline", "gateway"]
+                        order = list(targets) if i % 2 == 0 else list(reversed(targets))
                         for name in order:
-                            elapsed = one(name)
-                            if elapsed is not None:
-                                times[name].append(elapsed)
-            cpu = {name: server.cpu_seconds() - cpu0[name] for name, (server, _, _) in targets.items() if server.alive()}
-            if not gw.alive():
-                failures.append(f"the gateway exited with code {gw.proc.returncode}")
-            gw_log = gw.tail(20)
+                            one(name, True)
+            for name, server in (("engine off", off), ("default", dflt)):
+                if not server.alive():
+                    failures.append(f"the {name} gateway exited with code {server.proc.returncode}")
+            logs = {"engine off": off.tail(20), "default": dflt.tail(20)}
 
         rows = []
-        for name, sampler in (("gateway", gw_rss), ("baseline", base_rss)):
-            ts = times[name]
+        for name in targets:
+            ts, sampler = times[name], rss[name]
             rows.append([
-                name, len(ts), f"{median(ts):.3f}" if ts else "-", f"{min(ts):.3f}" if ts else "-",
+                LABELS[name], len(ts), f"{median(ts):.3f}" if ts else "-", f"{min(ts):.3f}" if ts else "-",
                 f"{max(ts):.3f}" if ts else "-", f"{body_size / MiB / median(ts):.0f}" if ts else "-",
-                f"{cpu[name] / args.repeats:.2f}" if name in cpu and args.repeats else "-",
+                f"{median(cpu_req[name]):.2f}" if cpu_req[name] else "-",
+                f"{median(cpu_bg):.2f}" if name == "default" and cpu_bg else "-",
+                f"{median(prep_s):.1f}" if name == "default" and prep_s else "-",
                 mib(sampler.baseline), mib(sampler.peak), f"+{sampler.growth / MiB:.1f}",
             ])
         print()
         print(f"POST /v2/loras, {len(images)} images, {mib(total)} of images, {args.repeats} measured requests each "
               f"(+{args.warmup} warm-up), interleaved")
-        print(table(rows, ["server", "n", "median s", "min s", "max s", "MiB/s", "CPU s/req", "RSS before", "RSS peak", "growth MiB"]))
+        print(table(rows, ["server", "n", "median s", "min s", "max s", "MiB/s", "CPU s/req", "bg CPU s", "prep s",
+                           "RSS before", "RSS peak", "growth MiB"]))
         print()
         ok = True
-        if times["gateway"] and times["baseline"]:
-            ratio = median(times["gateway"]) / median(times["baseline"])
-            print(f"time ratio gateway/baseline (medians): {ratio:.2f}x   (goal <= {RATIO_GOAL}) -> {verdict(ratio <= RATIO_GOAL)}")
-            ok &= ratio <= RATIO_GOAL
-        if cpu.get("gateway") and cpu.get("baseline"):
-            print(f"server CPU per upload (user+sys), gateway/baseline: {cpu['gateway'] / cpu['baseline']:.2f}x")
-        growth = gw_rss.growth / MiB
-        print(f"gateway peak RSS growth during the uploads: {growth:.1f} MiB over {mib(gw_rss.baseline)} "
-              f"({gw_rss.samples} samples)   (goal <= {RSS_GOAL_MIB} MiB) -> {verdict(growth <= RSS_GOAL_MIB)}")
-        ok &= growth <= RSS_GOAL_MIB
-        print("note: server.run_workers is false, so the engine prepared no datasets in the background after each 202;"
-              " with workers on, every upload is followed by decoding/resizing its images in the same process.")
+        for name in ("off", "default"):
+            note = "" if name == "off" else "  (for reference: the goals were set on engine off)"
+            if times[name] and times["baseline"]:
+                ratio = median(times[name]) / median(times["baseline"])
+                print(f"time ratio {LABELS[name]}/baseline (medians): {ratio:.2f}x   (goal <= {RATIO_GOAL}) -> "
+                      f"{verdict(ratio <= RATIO_GOAL)}{note}")
+                if name == "off":
+                    ok &= ratio <= RATIO_GOAL
+            if cpu_req[name] and cpu_req["baseline"]:
+                base = median(cpu_req["baseline"])
+                line = f"  server CPU per upload, {LABELS[name]}/baseline: {median(cpu_req[name]) / base:.2f}x to the response"
+                if name == "default" and cpu_bg:
+                    line += (f", {(median(cpu_req[name]) + median(cpu_bg)) / base:.2f}x with the dataset preparation "
+                             f"after it ({median(cpu_bg):.2f} s CPU over {median(prep_s):.1f} s)")
+                print(line)
+            growth = rss[name].growth / MiB
+            print(f"  {LABELS[name]} peak RSS growth during the uploads: {growth:.1f} MiB over {mib(rss[name].baseline)} "
+                  f"({rss[name].samples} samples)   (goal <= {RSS_GOAL_MIB} MiB) -> {verdict(growth <= RSS_GOAL_MIB)}{note}")
+            if name == "off":
+                ok &= growth <= RSS_GOAL_MIB
+        print("engine off: no dataset preparation ran after the 202s; default: each upload was followed by its "
+              "dataset preparation in the same process (counted in bg CPU s and in its RSS peak)")
         if failures:
             print("\nFAILURES:")
             for f in failures:
                 print("  " + f)
-            print("gateway log tail:\n" + gw_log)
+            for name, tail in logs.items():
+                print(f"{name} gateway log tail:\n{tail}")
             return 1
         return 0 if ok or not args.strict else 1
 
@@ -249,22 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests per server first (default 1)")
     parser.add_argument("--images", type=int, default=30, help="photos per upload (default 30)")
     parser.add_argument("--image-mib", type=float, default=3.3, help="target size of each photo in MiB (default 3.3)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument("--settle-timeout", type=float, default=300,
+                        help="longest wait for a default-config LoRA to be TRAINING after its 202 (default 300 s)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when an engine-off goal is missed")
+    add_set_argument(parser)
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--spool-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_baseline is not None:
         serve_baseline(args.serve_baseline, args.spool_dir or "/tmp")
         return 0
-    handle_sigterm()
-    try:
-        return run(args)
-    except ServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped, temp files removed", file=sys.stderr)
-        return 130
+    return run_main(run, args)
 
 
 if __name__ == "__main__":
