@@ -44,7 +44,7 @@ import anyio  # noqa: E402
 import httpx  # noqa: E402
 
 from bench._common import Server, ServerError, handle_sigterm, run_main, temp_dir, verdict  # noqa: E402
-from gateway.config import settings_from_mapping  # noqa: E402
+from gateway.config import EngineSettings, settings_from_mapping  # noqa: E402
 from gateway.context import open_gateway  # noqa: E402
 from gateway.engine.worker import Engine  # noqa: E402
 from gateway.logging import configure_logging  # noqa: E402
@@ -194,22 +194,11 @@ async def seed(gw, n: int, interval: float, provider_name: str, ref_of, before_i
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """``engine`` settings: a fixed poll interval, and trainings never declared stuck during the
-    run (``engine.stuck_after_s``, or ``engine.training.stuck_after_s/deadline_s`` where the
-    settings have per-operation timings)."""
-    import msgspec
-
-    from gateway.config import EngineSettings
-
-    fields = {f.name for f in msgspec.structs.fields(EngineSettings)}
-    cfg: dict[str, Any] = {"min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval,
-                           "poll_interval_s": 0.5, "concurrency": args.concurrency}
-    if "stuck_after_s" in fields:
-        cfg["stuck_after_s"] = 10**7
-    if "training" in fields:
-        cfg["training"] = {"stuck_after_s": 10**7, "deadline_s": 10**7,
-                           "min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval}
-    return cfg
+    """``engine`` settings: a fixed poll interval, and trainings never declared stuck during the run."""
+    return {"min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval,
+            "poll_interval_s": 0.5, "concurrency": args.concurrency,
+            "training": {"stuck_after_s": 10**7, "deadline_s": 10**7,
+                         "min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval}}
 
 
 async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | None) -> dict[str, Any]:
@@ -326,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=30.0, help="poll interval (min = max) in seconds")
     p.add_argument("--window", type=float, default=90.0, help="measurement window in seconds")
     p.add_argument("--warmup", type=float, default=5.0)
-    p.add_argument("--concurrency", type=int, default=32, help="engine.concurrency (default 32)")
+    p.add_argument("--concurrency", type=int, default=EngineSettings().concurrency,
+                   help=f"engine.concurrency (default: the engine's own, {EngineSettings().concurrency})")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--_serve-fake", dest="serve_fake", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

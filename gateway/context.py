@@ -53,7 +53,10 @@ class Gateway:
     auth_cache: AuthCache
     #: the engine's image decoding/encoding: a few low-priority threads, off the event loop
     image_workers: ImageWorkers
+    #: new or newly due work for the engine (set by the engine running in this process)
     wake: Callable[[], None] = lambda: None
+    #: webhook deliveries may have been queued (a terminal state, a progress event, a replay)
+    wake_deliveries: Callable[[], None] = lambda: None
 
     @property
     def upload_limits(self) -> UploadLimits:

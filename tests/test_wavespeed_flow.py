@@ -64,7 +64,7 @@ async def gateway(make_api: Callable[..., Any], fake: FakeWaveSpeed, base_url: s
                            "timeout_s": timeout_s, "poll_backoff_s": 0.05}
     if callbacks:
         cfg["webhook_secret"] = fake.webhook_secret
-    with socket.socket() as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:  # proto set: TCP_NODELAY
         sock.bind(("127.0.0.1", 0))
         server = {"public_base_url": f"http://127.0.0.1:{sock.getsockname()[1]}"} if public else {}
         async with make_api(providers={"wavespeed": cfg}, routing=ROUTING,

@@ -72,5 +72,5 @@ class AdminController(Controller):
             d = await durability.get_delivery(conn, delivery_id)
             if d is None or not await durability.replay_delivery(conn, delivery_id, d.team_id):
                 raise NotFound("Delivery not found")
-        gw.wake()
+        gw.wake_deliveries()
         return Response({"id": delivery_id, "status": "pending"}, status_code=202)

@@ -481,6 +481,8 @@ class Runner:
                 await self.op.write(conn, row, self.owner, **fields)
                 await self.op.on_running(conn, row, fields)
             await work.apply_running_polls(conn, self.op.kind, self.owner, [update])
+        if fields:
+            self.gw.wake_deliveries()
         return False
 
     def running_update(self, row: Any, attempt: Attempt, answer: Answer) -> dict[str, Any] | None:
@@ -557,6 +559,7 @@ class Runner:
                     )
                 return False
             return await self._attempt_failed(row, attempt, f"{self.op.results} could not be copied: {e.message}", True)
+        self.gw.wake_deliveries()
         await self.op.after_terminal(self.gw, row.id)
         return False
 
@@ -617,6 +620,7 @@ class Runner:
             await cancels_store.request_cancel(conn, current, "its row failed")
             self.gw.wake()
         await self.op.failed(conn, row, self.owner, error[:500])
+        self.gw.wake_deliveries()  # (it runs once this transaction has committed)
 
     # ------------------------------------------------------------------ crashes
 

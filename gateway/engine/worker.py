@@ -88,10 +88,10 @@ class Engine:
                                    lease_s=max(e.lease_s, gw.settings.webhooks.timeout_s * 2),
                                    poll_interval_s=e.poll_interval_s)
         gw.wake = self.wake
+        gw.wake_deliveries = self.deliverer.notify
 
     def wake(self) -> None:
         self._wake.set()
-        self.deliverer.notify()
 
     def status(self) -> dict[str, Any]:
         """For ``/readyz``: ``ok``, or ``degraded`` with each failing loop's last error."""

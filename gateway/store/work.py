@@ -8,10 +8,10 @@ process took over after a crash) changes nothing.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable
 
 import aiosqlite
+import msgspec
 
 from gateway.store.models import Artifact, Attempt, Job, JobImage, Lora, row_to
 from gateway.timeutil import now
@@ -26,11 +26,18 @@ _JOB_COLUMNS = set(Job.__struct_fields__)
 _ATTEMPT_COLUMNS = set(Attempt.__struct_fields__)
 
 
+def _encode(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+_decode = msgspec.json.decode
+
+
 def _job(row: Any) -> Job:
     data = dict(row)
-    data["input"] = json.loads(data["input"])
+    data["input"] = _decode(data["input"])
     events = data.get("webhook_events")
-    data["webhook_events"] = json.loads(events) if events else None
+    data["webhook_events"] = _decode(events) if events else None
     return row_to(Job, data)
 
 
@@ -39,7 +46,7 @@ def _assignments(fields: dict[str, Any], allowed: set[str]) -> tuple[str, list[A
     if unknown:
         raise ValueError(f"unknown columns: {sorted(unknown)}")
     cols = ", ".join(f"{k} = ?" for k in fields)
-    values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
+    values = [_encode(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
     return cols, values
 
 
@@ -130,7 +137,7 @@ async def _update_row(
 
 
 async def insert_job(conn: aiosqlite.Connection, **fields: Any) -> None:
-    values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
+    values = [_encode(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
     cols = ", ".join(fields)
     marks = ", ".join("?" for _ in fields)
     await conn.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", values)

@@ -590,7 +590,7 @@ class _ThreadServer(uvicorn.Server):
 @contextlib.contextmanager
 def serve_on_loopback(app: Callable[..., Awaitable[None]], *, lifespan: str = "auto") -> Iterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1 (a free port) in a background thread; yields its base URL."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio turns TCP_NODELAY on
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = _ThreadServer(uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False, interface="asgi3"))
