@@ -55,20 +55,20 @@ class Counting(SandboxProvider):
     now_running = 0
     most = 0
 
-    async def _track(self, coro: Any) -> Any:
+    async def _track(self, call: Callable[[], Any]) -> Any:
         Counting.now_running += 1
         Counting.most = max(Counting.most, Counting.now_running)
         try:
             await asyncio.sleep(0.05)
-            return await coro
+            return await call()
         finally:
             Counting.now_running -= 1
 
     async def generate(self, spec, lora):  # type: ignore[override]
-        return await self._track(super().generate(spec, lora))
+        return await self._track(lambda: SandboxProvider.generate(self, spec, lora))
 
     async def training_status(self, ref):  # type: ignore[override]
-        return await self._track(super().training_status(ref))
+        return await self._track(lambda: SandboxProvider.training_status(self, ref))
 
 
 class Plugins:
