@@ -31,6 +31,18 @@ class OutputInvalid(StepError):
     retryable = True
 
 
+def image_format(path: Path) -> str:
+    """``png`` / ``jpg`` / ``webp`` by content (OutputInvalid for anything else). Blocking."""
+    try:
+        with Image.open(path, formats=["PNG", "JPEG", "WEBP"]) as img:
+            fmt = FORMAT_FROM_PIL.get(img.format or "")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise OutputInvalid(f"provider returned an unreadable image: {e}") from None
+    if fmt is None:
+        raise OutputInvalid("provider returned an image in an unsupported format")
+    return fmt
+
+
 def structurally_whole(path: Path, fmt: str) -> bool:
     """A cheap check that a file is complete, without decoding pixels: a JPEG ends with its EOI
     marker, a WebP's RIFF size matches the file, a PNG's chunk CRCs (``verify()``) hold."""

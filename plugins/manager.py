@@ -16,6 +16,7 @@ DEFAULT_PLUGINS = (
     "plugins.captioners.openai_compat",
     "providers.sandbox",
     "providers.wavespeed",
+    "providers.vimmerse",
     "providers.local",  # imports neither torch nor diffusers until it is configured and used
 )
 

@@ -20,9 +20,14 @@ if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     from plugins.storage.base import Storage
 
 SubjectKind = Literal["person", "style", "object"]
-DatasetInput = Literal["zip_url", "files", "directory"]
+#: how a provider wants the prepared dataset: a URL of the zip, the image files, signed URLs of
+#: each image (needs ``server.public_base_url``), or a local directory
+DatasetInput = Literal["zip_url", "files", "image_urls", "directory"]
 ASPECT_RATIOS: frozenset[str] = frozenset({"1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"})
 OUTPUT_FORMATS: frozenset[str] = frozenset({"png", "jpg", "webp"})
+#: generation parameters a provider may or may not honour (``InferenceCapabilities.honours``);
+#: ``output_format`` is always honoured: the gateway re-encodes what a provider cannot produce
+GENERATION_PARAMS: frozenset[str] = frozenset({"seed", "lora_strength", "guidance_scale", "num_inference_steps"})
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -34,6 +39,9 @@ class TrainingCapabilities(msgspec.Struct, frozen=True, kw_only=True):
     max_steps: int = 3000
     min_rank: int = 8
     max_rank: int = 64
+    #: False: the vendor picks the rank itself (the LoRA's ``loraRank`` is not passed on and
+    #: does not make the provider ineligible)
+    rank_controllable: bool = True
     dataset_input: DatasetInput = "files"
     #: the trained weights can be downloaded (the LoRA is then portable to other providers)
     produces_artifact: bool = True
@@ -48,6 +56,9 @@ class InferenceCapabilities(msgspec.Struct, frozen=True, kw_only=True):
     aspect_ratios: frozenset[str] = ASPECT_RATIOS
     #: formats the provider produces itself; the gateway re-encodes to any other
     output_formats: frozenset[str] = OUTPUT_FORMATS
+    #: which of GENERATION_PARAMS it passes on; a request that set another one is served with it
+    #: ignored (recorded on the job as ``ignoredParams``)
+    honours: frozenset[str] = GENERATION_PARAMS
 
 
 class Cost(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,6 +73,9 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     cost: Cost = Cost()
     #: the provider can call the gateway back (``POST /hooks/{provider}``)
     webhooks_in: bool = False
+    #: its verified callbacks name the gateway's attempt and the provider's job id, so one can
+    #: resolve a submission whose answer was lost (the engine then waits for it a bounded time)
+    callbacks_name_attempts: bool = False
     #: after an ambiguous submit, the provider can find a job by the gateway's attempt id
     can_lookup: bool = False
     can_cancel: bool = False
@@ -85,12 +99,16 @@ class TrainingSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Dataset(msgspec.Struct, frozen=True, kw_only=True):
-    """A prepared dataset: normalised images plus ``.txt`` captions."""
+    """A prepared dataset: normalised images plus ``.txt`` captions (each holding the trigger word)."""
 
     zip_path: Path  # NNN.jpg + NNN.txt, local file
     directory: Path  # the same files unpacked, local directory
     image_count: int
     zip_url: str | None = None  # a signed, expiring gateway URL when public_base_url is set
+    files: list[Path] = msgspec.field(default_factory=list)  # the NNN.jpg images, in order
+    #: signed, expiring gateway URLs of those images (only for ``dataset_input: image_urls``, and
+    #: only when public_base_url is set)
+    image_urls: list[str] = msgspec.field(default_factory=list)
 
 
 class TrainingSubmission(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,6 +123,8 @@ class TrainingStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: TrainingState
     progress: float | None = None  # 0..1
     artifact_url: str | None = None  # set when succeeded and the weights are downloadable
+    #: sample images of a finished training (copied into gateway storage and shown on the LoRA)
+    sample_urls: list[str] = msgspec.field(default_factory=list)
     error: str | None = None
     retryable: bool = False
 
@@ -162,9 +182,12 @@ class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
     ``attempt_id``, when the provider can tell it (e.g. from the callback URL it was given),
     lets a callback resolve an ambiguous submission whose answer was lost."""
 
-    ref: str
+    ref: str | None = None
     kind: Literal["training", "generation"] = "training"
     attempt_id: str | None = None
+    #: an unverifiable callback (the vendor signs nothing): it only makes the named attempt's poll
+    #: due now (rate-limited); nothing in it is trusted
+    hint: bool = False
 
 
 # --------------------------------------------------------------------------- errors
@@ -287,10 +310,12 @@ class Provider(ABC):
         raise ProviderRejected(f"{self.name} cannot fetch {url!r}")
 
     # -- callbacks
-    async def verify_callback(self, headers: dict[str, str], body: bytes) -> CallbackEvent:
+    async def verify_callback(self, headers: dict[str, str], body: bytes,
+                              params: dict[str, str] | None = None) -> CallbackEvent:
         """Verify an inbound callback (``POST /hooks/{name}``); raise ProviderAuthError if it fails.
 
-        ``headers`` has lower-cased names. Only called when ``capabilities.webhooks_in``."""
+        ``headers`` has lower-cased names; ``params`` is the callback URL's query (the provider put
+        it there when it gave the vendor the URL). Only called when ``capabilities.webhooks_in``."""
         raise ProviderAuthError(f"{self.name} takes no callbacks")
 
     # -- lifecycle

@@ -16,11 +16,8 @@ is an attribute, so tests run instantly).
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import hmac
-import itertools
-import os
 import re
 import secrets
 import time
@@ -41,13 +38,13 @@ from providers.base import (
     ProviderOutcomeUnknown, ProviderRateLimited, ProviderRejected, ProviderSetup, ProviderTimeout,
     ProviderUnavailable, TrainingCapabilities, TrainingSpec, TrainingStatus, TrainingSubmission,
 )
+from providers.httputil import CHUNK, clip, download, retry_after, retrying, transient
 from providers.safetensors import SafetensorsInvalid, read_header
 
 log = structlog.get_logger()
 
 T = TypeVar("T")
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
-_CHUNK = 256 * 1024
 _WEBHOOK_TOLERANCE_S = 300
 _MIN_SIDE, _MAX_SIDE = 256, 1536
 _FORMATS = {"png": "png", "jpg": "jpeg", "webp": "webp"}
@@ -57,18 +54,10 @@ _STATES: dict[str, tuple[Literal["queued", "running", "succeeded", "failed"], bo
     "failed": ("failed", False), "timeout": ("failed", True), "cancelled": ("failed", False),
     "deleted": ("failed", False),
 }
-#: a ``failed`` prediction whose error reads like the vendor's own trouble (not the request's)
-#: may succeed on another try; anything else (a bad dataset, a refused prompt) would fail again
-_TRANSIENT = re.compile(
-    r"time[ -]?out|timed out|internal|server error|unavailable|capacity|overload|busy|out of memory|\boom\b"
-    r"|cuda|gpu|network|connection|try again|temporar|interrupted|preempt|worker (?:died|lost|crash)",
-    re.IGNORECASE,
-)
-
-
 def _failure_retryable(status: str, error: str | None) -> bool:
+    """A ``failed`` prediction is retryable only when its error reads like WaveSpeed's own trouble."""
     if status == "failed":
-        return bool(_TRANSIENT.search(error or ""))
+        return transient(error)
     return _STATES.get(status, ("failed", False))[1]
 
 
@@ -154,25 +143,9 @@ class _Upload(msgspec.Struct, frozen=True, kw_only=True):
     download_url: str
 
 
-def _clip(text: str | None, n: int = 200) -> str:
-    return re.sub(r"[\x00-\x1f]+", " ", text or "").strip()[:n]
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None if absent or unreadable."""
-    try:
-        return max(0.0, float(value or ""))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value or "").timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
     async with await anyio.open_file(path, "rb") as f:
-        while chunk := await f.read(_CHUNK):
+        while chunk := await f.read(CHUNK):
             yield chunk
 
 
@@ -237,7 +210,7 @@ class WaveSpeedAdapter(Provider):
                 return TrainingStatus(state="failed", error="wavespeed: training completed without weights", retryable=True)
             return TrainingStatus(state="succeeded", progress=1.0, artifact_url=p.outputs[0])
         if state == "failed":
-            return TrainingStatus(state="failed", error=f"wavespeed: training {p.status}: {_clip(p.error) or 'no reason given'}",
+            return TrainingStatus(state="failed", error=f"wavespeed: training {p.status}: {clip(p.error) or 'no reason given'}",
                                   retryable=_failure_retryable(p.status, p.error))
         return TrainingStatus(state=state, progress=0.0 if state == "queued" else None)
 
@@ -251,7 +224,7 @@ class WaveSpeedAdapter(Provider):
                                     images=[GeneratedImage(url=u) for u in p.outputs])
         if state == "failed":
             return GenerationStatus(state="failed", ref=p.id, retryable=_failure_retryable(p.status, p.error),
-                                    error=f"wavespeed: generation {p.status}: {_clip(p.error) or 'no reason given'}")
+                                    error=f"wavespeed: generation {p.status}: {clip(p.error) or 'no reason given'}")
         return GenerationStatus(state=state, ref=p.id)
 
     # ------------------------------------------------------------------ HTTP plumbing
@@ -277,10 +250,10 @@ class WaveSpeedAdapter(Provider):
             log.error("provider_config_error", provider=self.name, call=what, status_code=status,
                       hint="check providers.wavespeed.api_key and the account balance")
             return ProviderAuthError(f"wavespeed: {what}: HTTP {status} (API key refused)")
-        log.warning("provider_http_error", provider=self.name, call=what, status_code=status, detail=_clip(detail))
+        log.warning("provider_http_error", provider=self.name, call=what, status_code=status, detail=clip(detail))
         message = f"wavespeed: {what}: HTTP {status}"
         if status == 429:
-            return ProviderRateLimited(message, retry_after=_retry_after(resp.headers.get("retry-after")))
+            return ProviderRateLimited(message, retry_after=retry_after(resp.headers.get("retry-after")))
         if status >= 500:
             return ProviderUnavailable(message)
         if status == 402:
@@ -317,19 +290,9 @@ class WaveSpeedAdapter(Provider):
             raise ProviderTimeout(f"wavespeed: {what}: no answer ({type(e).__name__})") from None
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run an idempotent call, retrying transport errors and ProviderUnavailable
-        ``poll_retries`` times with doubling backoff."""
-        for attempt in itertools.count():
-            try:
-                return await call()
-            except (httpx.TransportError, ProviderUnavailable) as e:
-                if attempt >= self.config.poll_retries:
-                    if isinstance(e, ProviderError):
-                        raise
-                    cls = ProviderTimeout if isinstance(e, httpx.TimeoutException) else ProviderUnavailable
-                    raise cls(f"wavespeed: {what}: {type(e).__name__} after {attempt + 1} tries") from None
-                await self.sleep(self.config.poll_backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+        """An idempotent call, transport errors and ProviderUnavailable retried ``poll_retries`` times."""
+        return await retrying(call, name=self.name, what=what, retries=self.config.poll_retries,
+                              backoff_s=self.config.poll_backoff_s, sleep=self.sleep)
 
     @staticmethod
     def _path(ref: str, action: str) -> str:
@@ -444,42 +407,22 @@ class WaveSpeedAdapter(Provider):
     async def fetch_file(self, url: str, dest: Path, *, max_bytes: int) -> None:
         """Stream a result URL to ``dest`` (no credentials sent), capped at ``max_bytes``; a
         ``.safetensors`` file must parse as one. Transport errors and 5xx are retried."""
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise ProviderRejected(f"wavespeed: cannot fetch a {urlsplit(url).scheme!r} URL")
-        dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.part")
-        try:
-            await self._retrying(lambda: self._download(url, tmp, max_bytes), "download")
-            if dest.name.endswith(".safetensors") or urlsplit(url).path.endswith(".safetensors"):
+
+        def check(tmp: Path) -> None:
+            if Path(dest).name.endswith(".safetensors") or urlsplit(url).path.endswith(".safetensors"):
                 try:
-                    await anyio.to_thread.run_sync(read_header, tmp)
+                    read_header(tmp)
                 except SafetensorsInvalid as e:
                     raise ProviderError(f"wavespeed: downloaded weights are not whole: {e}", retryable=True) from None
-            await anyio.to_thread.run_sync(os.replace, tmp, dest)
-        finally:
-            await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
 
-    async def _download(self, url: str, tmp: Path, max_bytes: int) -> None:
-        async with self._files.stream("GET", url) as resp:
-            if resp.status_code >= 500:
-                raise ProviderUnavailable(f"wavespeed: download: HTTP {resp.status_code}")
-            if resp.status_code != 200:
-                raise ProviderError(f"wavespeed: download refused (HTTP {resp.status_code}; expired URL?)",
-                                    retryable=resp.status_code in (408, 429))
-            declared = resp.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise ProviderError(f"wavespeed: file is {declared} bytes, limit {max_bytes}", retryable=True)
-            total = 0
-            async with await anyio.open_file(tmp, "wb") as f:
-                async for chunk in resp.aiter_bytes(_CHUNK):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise ProviderError(f"wavespeed: file passed the {max_bytes}-byte limit", retryable=True)
-                    await f.write(chunk)
+        await download(self._files, url, Path(dest), max_bytes=max_bytes, name=self.name,
+                       retries=self.config.poll_retries, backoff_s=self.config.poll_backoff_s, sleep=self.sleep,
+                       check=check)
 
     # ------------------------------------------------------------------ callbacks
 
-    async def verify_callback(self, headers: dict[str, str], body: bytes) -> CallbackEvent:
+    async def verify_callback(self, headers: dict[str, str], body: bytes,
+                              params: dict[str, str] | None = None) -> CallbackEvent:
         """Check a ``webhook-signature: v3,<hex>`` callback (HMAC-SHA256 of ``id.timestamp.body``,
         key = the secret without ``whsec_``, not base64-decoded; 300 s window)."""
         secret = self.config.webhook_secret

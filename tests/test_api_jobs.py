@@ -24,6 +24,7 @@ ISO_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 JOB_FIELDS = {
     "id", "status", "model", "progress", "result", "error", "creditCost", "webhookStatus",
     "createdAt", "completedAt", "expired", "input",
+    "gateway",  # the extension object: {ignoredParams}
 }
 FAIL_WORD = "PLEASEFAIL"
 FAST = {"sandbox": {"training_seconds": 0.2, "queue_seconds": 0, "fail_prompts_containing": FAIL_WORD}}

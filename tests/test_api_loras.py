@@ -26,6 +26,7 @@ ISO_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 LORA_FIELDS = {
     "id", "userId", "teamId", "name", "subjectKind", "gender", "ethnicity", "age", "status", "imageCount",
     "steps", "loraRank", "isReady", "hasWeights", "triggerWord", "error", "createdAt", "startedAt", "completedAt",
+    "gateway",  # the extension object: {portable, samples}
 }
 PERSON = {"name": "Ada", "subjectKind": "person", "gender": "female", "ethnicity": "east asian"}
 SLOW = {"sandbox": {"training_seconds": 30, "queue_seconds": 0}}

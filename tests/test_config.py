@@ -64,6 +64,10 @@ def test_example_documents_every_key() -> None:
 
     for name in WaveSpeedConfig.__struct_fields__:
         assert f"#   {name}:" in text, name
+    from providers.vimmerse import VimmerseConfig
+
+    for name in VimmerseConfig.__struct_fields__:
+        assert f"#   {name}:" in text, name
     from providers.local.config import LocalConfig
 
     for name in LocalConfig.__struct_fields__:

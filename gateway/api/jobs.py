@@ -23,8 +23,8 @@ class GenerateController(Controller):
         gw = gateway(request)
         principal = await caller(request)
         key = idempotency.key_from(request.headers)
-        req = job_service.decode_generate(await request.body())
-        job, replayed = await job_service.create(gw, principal, req, idempotency_key=key)
+        req, set_params = job_service.decode_generate(await request.body())
+        job, replayed = await job_service.create(gw, principal, req, idempotency_key=key, set_params=set_params)
         headers = {"idempotent-replayed": "true"} if replayed else {}
         return Response({"jobId": job.id, "status": job.status}, status_code=202, headers=headers)
 

@@ -48,12 +48,12 @@ class LoraController(Controller):
         items, next_cursor = await lora_service.list_page(
             gw, principal, limit=q["limit"], cursor=q["cursor"], include_archived=q["includeArchived"]
         )
-        return Response({"items": [lora_view(i) for i in items], "nextCursor": next_cursor})
+        return Response({"items": [lora_view(i, gw) for i in items], "nextCursor": next_cursor})
 
     @get("/{lora_id:str}", summary="Get a LoRA")
     async def get_lora(self, request: Request, lora_id: str) -> Response:
         lora = await lora_service.get(gateway(request), await caller(request), lora_id)
-        return Response(lora_view(lora))
+        return Response(lora_view(lora, gateway(request)))
 
     @delete("/{lora_id:str}", status_code=204, summary="Archive a LoRA (idempotent)")
     async def delete_lora(self, request: Request, lora_id: str) -> None:

@@ -9,9 +9,9 @@ from gateway.store.models import Job, JobImage, Lora
 from gateway.timeutil import iso
 
 
-def lora_view(lora: Lora) -> dict[str, Any]:
+def lora_view(lora: Lora, gw: Gateway) -> dict[str, Any]:
     ready = lora.status == "READY"
-    return {
+    view = {
         "id": lora.id,
         "userId": lora.user_id,
         "teamId": lora.team_id,
@@ -33,6 +33,13 @@ def lora_view(lora: Lora) -> dict[str, Any]:
         "startedAt": iso(lora.started_at),
         "completedAt": iso(lora.completed_at),
     }
+    # extension (not in Apiframe's LoRA object): where the weights live, and the sample images a
+    # provider that keeps its weights returned
+    view["gateway"] = {
+        "portable": ready and lora.portable and lora.artifact_id is not None,
+        "samples": [gw.file_url(k) for k in lora.sample_keys or []],
+    }
+    return view
 
 
 def job_view(gw: Gateway, job: Job, images: list[JobImage]) -> dict[str, Any]:
@@ -52,4 +59,6 @@ def job_view(gw: Gateway, job: Job, images: list[JobImage]) -> dict[str, Any]:
         "completedAt": iso(job.completed_at),
         "expired": False,
         "input": job.input,
+        # extension: the parameters the client set that the provider serving the job ignores
+        "gateway": {"ignoredParams": job.ignored_params or []},
     }

@@ -202,8 +202,8 @@ class Operation(ABC):
     async def cancel(self, provider: Provider, ref: str) -> None: ...
 
     # -- what the row shows
-    def accepted_fields(self, row: Any) -> dict[str, Any]:
-        """Row fields to write when a provider accepts an attempt."""
+    def accepted_fields(self, row: Any, provider: Provider) -> dict[str, Any]:
+        """Row fields to write when ``provider`` accepts an attempt."""
         return {}
 
     def running_fields(self, row: Any, answer: Answer) -> dict[str, Any]:
@@ -303,9 +303,10 @@ class Runner:
             return await self._reconcile(row, current)
         if current is not None and current.state in ("queued", "running") and current.provider_ref:
             # an ambiguous submission a provider callback resolved: poll it
+            provider = self.gw.providers.get(current.provider)
             async with self.gw.db.tx() as conn:
                 await self.op.write(conn, row, self.owner, stage="poll", next_run_at=now(),
-                                    **self.op.accepted_fields(row))
+                                    **(self.op.accepted_fields(row, provider) if provider else {}))
             return True
         if len(attempts) >= self.engine.max_attempts:
             await self.fail(row, summary(attempts) or self.op.no_provider)
@@ -368,12 +369,13 @@ class Runner:
                     state=answer.state, progress=1.0 if done else answer.progress, polls=0,
                     submitted_at=attempt.submitted_at or t, progressed_at=t, finished_at=t if done else None,
                 )
+                fields = self.op.accepted_fields(row, provider)
                 if done:
-                    await self.op.write(conn, row, self.owner, stage="finish", **self.op.accepted_fields(row))
+                    await self.op.write(conn, row, self.owner, stage="finish", **fields)
                 else:
                     await self.op.write(
                         conn, row, self.owner, stage="poll", next_run_at=t + self.timing(provider.name).min_poll_s,
-                        lease_owner=None, lease_expires=None, **self.op.accepted_fields(row),
+                        lease_owner=None, lease_expires=None, **fields,
                     )
         except LeaseLost:
             await self._orphaned(attempt, ref)
@@ -431,7 +433,7 @@ class Runner:
                 return await self._send(row, provider, attempt)
             return await self._accepted(row, provider, attempt, found)
         waited = now() - (attempt.submitted_at or attempt.created_at)
-        if caps.webhooks_in and attempt.state == "ambiguous" and waited < self.engine.reconcile_wait_s:
+        if caps.callbacks_name_attempts and attempt.state == "ambiguous" and waited < self.engine.reconcile_wait_s:
             # a callback naming this attempt resolves it (gateway.api.hooks); until then, wait
             t = self.timing(provider.name)
             await self.release(row, min(t.max_poll_s, self.engine.reconcile_wait_s - waited))

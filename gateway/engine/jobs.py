@@ -28,7 +28,7 @@ from gateway.store import work
 from gateway.store.models import Attempt, Job, JobImage, Lora
 from gateway.timeutil import now
 from gateway.triggers import apply_trigger
-from providers.base import GenerationSpec, GenerationStatus, LoraHandle, Provider
+from providers.base import GENERATION_PARAMS, GenerationSpec, GenerationStatus, LoraHandle, Provider
 
 log = structlog.get_logger()
 
@@ -56,7 +56,8 @@ async def _lora(gw: Gateway, job: Job) -> tuple[Lora, LoraHandle]:
         lora = await work.get_lora(conn, job.lora_id, job.team_id)
         if lora is None or lora.status != "READY":
             raise StepError("the LoRA is no longer available")
-        attempt = await work.current_attempt(conn, "lora", lora.id)
+        attempt = (await work.get_attempt(conn, lora.trained_attempt_id) if lora.trained_attempt_id
+                   else await work.current_attempt(conn, "lora", lora.id))  # (rows from before the pin)
         artifact = await work.artifact_for(conn, lora.id)
     handle = LoraHandle(
         lora_id=lora.id,
@@ -129,6 +130,12 @@ class GenerationOperation(Operation):
 
     async def cancel(self, provider: Provider, ref: str) -> None:
         await provider.cancel_generation(ref)
+
+    def accepted_fields(self, job: Job, provider: Provider) -> dict[str, Any]:
+        """Which of the parameters the client set this provider ignores (shown on the job)."""
+        caps = provider.capabilities.inference
+        honours = caps.honours if caps is not None else frozenset()
+        return {"ignored_params": sorted((set(_params(job)) & GENERATION_PARAMS) - honours)}
 
     def running_fields(self, job: Job, answer: Answer) -> dict[str, Any]:
         if answer.progress is None:

@@ -27,6 +27,7 @@ from gateway.datasets import PrepConfig, prepare_dataset
 from gateway.engine.attempts import IN_FLIGHT, Answer, Operation, Runner
 from gateway.engine.errors import LeaseLost, StepError
 from gateway.engine.routing import TrainingNeeds
+from gateway.imaging import finalise_image, image_format
 from gateway.store import cancels as cancels_store
 from gateway.store import teams as teams_store
 from gateway.store import work
@@ -39,6 +40,8 @@ log = structlog.get_logger()
 
 TRAINING_FEE = 255
 CREATE_FEE = 2
+#: sample images kept from a provider that returns samples instead of weights
+MAX_SAMPLES = 8
 
 
 def _dataset_dir(gw: Gateway, lora_id: str) -> Path:
@@ -89,8 +92,9 @@ async def _prepare(runner: Runner, lora: Lora) -> bool:
     return True
 
 
-async def _ensure_dataset(gw: Gateway, lora: Lora) -> Dataset:
-    """The prepared dataset on local disk (re-extracted from storage after a move or restart)."""
+async def _ensure_dataset(gw: Gateway, lora: Lora, provider: Provider) -> Dataset:
+    """The prepared dataset on local disk (re-extracted from storage after a move or restart), in
+    the form ``provider`` asks for (``capabilities.training.dataset_input``)."""
     out_dir = _dataset_dir(gw, lora.id)
     images, zip_path = out_dir / "images", out_dir / "dataset.zip"
     key = f"loras/{lora.id}/dataset.zip"
@@ -108,8 +112,18 @@ async def _ensure_dataset(gw: Gateway, lora: Lora) -> Dataset:
                 z.extractall(images)
 
         await anyio.to_thread.run_sync(extract)
-    zip_url = gw.file_url(key) if gw.settings.server.public_base_url else None
-    return Dataset(zip_path=zip_path, directory=images, image_count=lora.image_count, zip_url=zip_url)
+    files = sorted(await anyio.to_thread.run_sync(lambda: list(images.glob("*.jpg"))))
+    public = bool(gw.settings.server.public_base_url)
+    caps = provider.capabilities.training
+    image_urls: list[str] = []
+    if caps is not None and caps.dataset_input == "image_urls" and public:
+        for path in files:  # each image behind its own signed URL
+            image_key = f"loras/{lora.id}/dataset/{path.name}"
+            if await gw.storage.size(image_key) is None:
+                await gw.storage.put_file(image_key, path)
+            image_urls.append(gw.file_url(image_key))
+    return Dataset(zip_path=zip_path, directory=images, image_count=lora.image_count,
+                   zip_url=gw.file_url(key) if public else None, files=files, image_urls=image_urls)
 
 
 def _answer(status: TrainingStatus, ref: str | None = None) -> Answer:
@@ -155,7 +169,7 @@ class TrainingOperation(Operation):
             gender=lora.gender, ethnicity=lora.ethnicity, age=lora.age, steps=lora.steps,
             lora_rank=lora.lora_rank, trigger_word=lora.trigger_word, team_id=lora.team_id,
         )
-        submission = await provider.start_training(spec, await _ensure_dataset(gw, lora))
+        submission = await provider.start_training(spec, await _ensure_dataset(gw, lora, provider))
         return Answer(state="queued", ref=submission.ref, progress=0.0, trigger_word=submission.trigger_word)
 
     async def lookup(self, provider: Provider, attempt_id: str) -> Answer | None:
@@ -170,15 +184,17 @@ class TrainingOperation(Operation):
     async def cancel(self, provider: Provider, ref: str) -> None:
         await provider.cancel_training(ref)
 
-    def accepted_fields(self, lora: Lora) -> dict[str, Any]:
+    def accepted_fields(self, lora: Lora, provider: Provider) -> dict[str, Any]:
         return {"status": "TRAINING", "started_at": lora.started_at or now()}
 
     async def finish(self, runner: Runner, lora: Lora, provider: Provider, attempt: Attempt, answer: Answer) -> None:
+        """Copy the weights (a portable LoRA) or, from a provider that keeps them, its sample
+        images into storage; then READY, pinned to this attempt."""
         gw = runner.gw
         caps = provider.capabilities.training
-        artifact = None
+        status: TrainingStatus = answer.raw
+        artifact, samples = None, None
         if caps is not None and caps.produces_artifact:
-            status: TrainingStatus = answer.raw
             if not status.artifact_url:
                 raise StepError("the provider reported no weights for a finished training", retryable=True)
             key = f"loras/{lora.id}/lora.safetensors"
@@ -189,14 +205,17 @@ class TrainingOperation(Operation):
                 await gw.storage.put_file(key, dest, move=True)
             artifact = Artifact(id=new_id(), lora_id=lora.id, sha256=info.sha256, size=info.size, format=info.format,
                                 storage_key=key, source_url=status.artifact_url, created_at=now())
+        else:
+            samples = await _copy_samples(gw, lora, provider, status.sample_urls)
         async with gw.db.tx() as conn:
             if artifact is not None:
                 await work.insert_artifact(conn, artifact)
             await self.write(conn, lora, runner.owner, status="READY", stage="done", completed_at=now(), error=None,
                              portable=artifact is not None, artifact_id=artifact.id if artifact else None,
+                             trained_attempt_id=attempt.id, sample_keys=samples,
                              lease_owner=None, lease_expires=None)
             await webhooks.on_lora_terminal(conn, lora.id)
-        log.info("lora_ready", portable=artifact is not None)
+        log.info("lora_ready", portable=artifact is not None, samples=len(samples or []))
 
     async def failed(self, conn: Any, lora: Lora, owner: str, error: str) -> None:
         """FAILED: refund 255 if it was charged, and 2 as well if training never began."""
@@ -210,6 +229,22 @@ class TrainingOperation(Operation):
 
     async def after_terminal(self, gw: Gateway, row_id: str) -> None:
         await cleanup_work(gw, row_id)
+
+
+async def _copy_samples(gw: Gateway, lora: Lora, provider: Provider, urls: list[str]) -> list[str]:
+    """The sample images a provider without downloadable weights returned, checked and stored."""
+    keys = []
+    with tempfile.TemporaryDirectory(dir=gw.work_dir) as tmp:
+        for i, url in enumerate(urls[:MAX_SAMPLES], start=1):
+            raw = Path(tmp) / f"raw{i}"
+            await provider.fetch_file(url, raw, max_bytes=int(gw.settings.engine.max_image_mb * MB))
+            fmt = await gw.image_workers.run(image_format, raw)
+            out = Path(tmp) / f"sample{i}.{fmt}"
+            await gw.image_workers.run(finalise_image, raw, out, fmt)
+            key = f"loras/{lora.id}/samples/{i}.{fmt}"
+            await gw.storage.put_file(key, out, move=True)
+            keys.append(key)
+    return keys
 
 
 TRAINING = TrainingOperation()

@@ -77,7 +77,7 @@ class Router:
             t is not None
             and needs.subject_kind in t.subject_kinds
             and t.min_steps <= needs.steps <= t.max_steps
-            and t.min_rank <= needs.rank <= t.max_rank
+            and (t.min_rank <= needs.rank <= t.max_rank or not t.rank_controllable)
         )
 
     @staticmethod

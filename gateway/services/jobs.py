@@ -44,8 +44,15 @@ class GenerateImageRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     webhookEvents: Annotated[list[Literal["progress", "completed", "failed"]], msgspec.Meta(min_length=1)] | None = None
 
 
-def decode_generate(body: bytes) -> GenerateImageRequest:
-    """Decode and validate the JSON body; errors are 400s with a ``details`` path."""
+class _SetParams(msgspec.Struct):
+    """Which ``fluxLoraParams`` the client sent (not what defaults fill in)."""
+
+    fluxLoraParams: dict[str, Any] | None = None
+
+
+def decode_generate(body: bytes) -> tuple[GenerateImageRequest, frozenset[str]]:
+    """Decode and validate the JSON body; returns it and the names of the ``fluxLoraParams`` the
+    client set. Errors are 400s with a ``details`` path."""
     try:
         req = msgspec.json.decode(body, type=GenerateImageRequest)
     except msgspec.ValidationError as e:
@@ -68,18 +75,37 @@ def decode_generate(body: bytes) -> GenerateImageRequest:
         raise ValidationFailed.at("fluxLoraParams.loraId", "Must be a UUID")
     if req.prompt.strip() == "":
         raise ValidationFailed.at("prompt", "Must not be blank")
-    return req
+    return req, frozenset(msgspec.json.decode(body, type=_SetParams).fluxLoraParams or ())
 
 
 ROUTE = "POST /v2/images/generate"
 
 
-async def create(
-    gw: Gateway, principal: Principal, req: GenerateImageRequest, *, idempotency_key: str | None = None
-) -> tuple[Job, bool]:
-    """Charge and queue a generation. Returns the job and whether it is an idempotent replay."""
+def stored_input(req: GenerateImageRequest, set_params: frozenset[str]) -> dict[str, Any]:
+    """The request as the job keeps it: only the parameters the client set (validated), so the
+    engine applies the defaults and can tell a provider ignored a parameter that was asked for."""
     params = req.fluxLoraParams
     assert params is not None
+    out: dict[str, Any] = {"prompt": req.prompt, "model": req.model,
+                           "fluxLoraParams": {k: getattr(params, k) for k in sorted(set_params | {"loraId"})}}
+    out["fluxLoraParams"]["loraId"] = params.loraId.lower()
+    if req.webhookUrl is not None:
+        out["webhookUrl"] = req.webhookUrl
+    if req.webhookEvents is not None:
+        out["webhookEvents"] = list(req.webhookEvents)
+    return out
+
+
+async def create(
+    gw: Gateway, principal: Principal, req: GenerateImageRequest, *, idempotency_key: str | None = None,
+    set_params: frozenset[str] | None = None,
+) -> tuple[Job, bool]:
+    """Charge and queue a generation. Returns the job and whether it is an idempotent replay.
+    ``set_params``: the ``fluxLoraParams`` the client sent (default: every field)."""
+    params = req.fluxLoraParams
+    assert params is not None
+    if set_params is None:
+        set_params = frozenset(params.__struct_fields__)
     request_digest = idempotency.digest(req) if idempotency_key else ""
     if idempotency_key:
         async with gw.db.read() as conn:
@@ -99,7 +125,7 @@ async def create(
     ts = now()
     fields: dict[str, Any] = dict(
         id=job_id, team_id=principal.team_id, user_id=principal.user_id, key_id=principal.key.id,
-        lora_id=lora_id, model=req.model, status="QUEUED", progress=0, input=msgspec.to_builtins(req),
+        lora_id=lora_id, model=req.model, status="QUEUED", progress=0, input=stored_input(req, set_params),
         credit_cost=cost, webhook_url=req.webhookUrl,
         webhook_events=list(req.webhookEvents) if req.webhookEvents else None,
         webhook_status="pending" if req.webhookUrl else None,

@@ -251,4 +251,18 @@ def m003_engine() -> list[str]:
     ]
 
 
-MIGRATIONS = [m001_initial, m002_durability, m003_engine, m004_webhook_deliveries]
+def m005_provider_contract() -> list[str]:
+    return [
+        # the attempt that trained a READY LoRA: generation uses its provider, job id and vendor
+        # trigger word, whatever attempts come later
+        "ALTER TABLE loras ADD COLUMN trained_attempt_id TEXT",
+        # storage keys (JSON list) of the sample images a provider without weights returned
+        "ALTER TABLE loras ADD COLUMN sample_keys TEXT",
+        # generation parameters the client set that the provider serving the job ignores (JSON list)
+        "ALTER TABLE jobs ADD COLUMN ignored_params TEXT",
+        # when an unverifiable callback last made this attempt's poll due (rate limit)
+        "ALTER TABLE attempts ADD COLUMN hinted_at REAL",
+    ]
+
+
+MIGRATIONS = [m001_initial, m002_durability, m003_engine, m004_webhook_deliveries, m005_provider_contract]

@@ -77,6 +77,8 @@ class Lora(msgspec.Struct, frozen=True, kw_only=True):
     archived_at: float | None
     updated_at: float
     crashes: int = 0
+    trained_attempt_id: str | None = None
+    sample_keys: list[str] | None = None
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,6 +102,7 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: float | None
     lookups: int = 0
     fetches: int = 0
+    hinted_at: float | None = None
 
 
 class Artifact(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,6 +141,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: float | None
     updated_at: float
     crashes: int = 0
+    ignored_params: list[str] | None = None
 
 
 class JobImage(msgspec.Struct, frozen=True, kw_only=True):

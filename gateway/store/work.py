@@ -36,9 +36,15 @@ _decode = msgspec.json.decode
 def _job(row: Any) -> Job:
     data = dict(row)
     data["input"] = _decode(data["input"])
-    events = data.get("webhook_events")
-    data["webhook_events"] = _decode(events) if events else None
+    for col in ("webhook_events", "ignored_params"):
+        data[col] = _decode(data[col]) if data.get(col) else None
     return row_to(Job, data)
+
+
+def _lora(row: Any) -> Lora:
+    data = dict(row)
+    data["sample_keys"] = _decode(data["sample_keys"]) if data.get("sample_keys") else None
+    return row_to(Lora, data)
 
 
 def _assignments(fields: dict[str, Any], allowed: set[str]) -> tuple[str, list[Any]]:
@@ -65,7 +71,7 @@ async def get_lora(conn: aiosqlite.Connection, lora_id: str, team_id: str | None
     else:
         rows = await conn.execute_fetchall("SELECT * FROM loras WHERE id = ? AND team_id = ?", (lora_id, team_id))
     rows = list(rows)
-    return row_to(Lora, rows[0]) if rows else None
+    return _lora(rows[0]) if rows else None
 
 
 async def lora_status(conn: aiosqlite.Connection, lora_id: str, team_id: str) -> str | None:
@@ -91,7 +97,7 @@ async def list_loras(
         f"SELECT * FROM loras WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?",
         (*args, limit),
     )
-    return [row_to(Lora, r) for r in rows]
+    return [_lora(r) for r in rows]
 
 
 async def count_active_trainings(conn: aiosqlite.Connection, team_id: str) -> int:
@@ -231,7 +237,7 @@ async def claim_due(
             RETURNING *""",
         (owner, t + lease_s, *active, due, *stage_args, t, limit),
     )
-    return [row_to(Lora, r) for r in rows] if kind == "lora" else [_job(r) for r in rows]
+    return [_lora(r) for r in rows] if kind == "lora" else [_job(r) for r in rows]
 
 
 # --------------------------------------------------------------------------- attempts
@@ -288,6 +294,36 @@ async def apply_running_polls(conn: aiosqlite.Connection, kind: str, owner: str,
             WHERE id = ? AND lease_owner = ?""",
         [(u["next_run_at"], t, u["owner_id"], owner) for u in updates],
     )
+
+
+async def get_attempt(conn: aiosqlite.Connection, attempt_id: str) -> Attempt | None:
+    rows = list(await conn.execute_fetchall("SELECT * FROM attempts WHERE id = ?", (attempt_id,)))
+    return row_to(Attempt, rows[0]) if rows else None
+
+
+async def hint_attempt(conn: aiosqlite.Connection, provider: str, attempt_id: str, *, every_s: float) -> str | None:
+    """An unverifiable callback named this attempt: make its row's poll due now, at most once per
+    ``every_s`` per attempt, and only for the current, in-flight attempt of an active row.
+    Returns the row's id when something moved."""
+    t = now()
+    cur = await conn.execute(
+        """UPDATE attempts SET hinted_at = ?
+           WHERE id = ? AND provider = ? AND state IN ('queued', 'running') AND (hinted_at IS NULL OR hinted_at <= ?)
+             AND seq = (SELECT MAX(seq) FROM attempts b WHERE b.owner_kind = attempts.owner_kind
+                                                         AND b.owner_id = attempts.owner_id)""",
+        (t, attempt_id, provider, t - every_s),
+    )
+    if cur.rowcount != 1:
+        return None
+    attempt = await get_attempt(conn, attempt_id)
+    assert attempt is not None
+    table, active = _TABLES[attempt.owner_kind], _ACTIVE[attempt.owner_kind]
+    marks = ", ".join("?" for _ in active)
+    cur = await conn.execute(
+        f"UPDATE {table} SET next_run_at = ? WHERE id = ? AND stage = 'poll' AND status IN ({marks})",
+        (t, attempt.owner_id, *active),
+    )
+    return attempt.owner_id if cur.rowcount == 1 else None
 
 
 async def current_attempt(conn: aiosqlite.Connection, kind: str, owner_id: str) -> Attempt | None:
