@@ -156,14 +156,31 @@ class EngineSettings(_Base):
     max_image_mb: Positive = 50
 
 
+Strategy = Literal["priority", "cheapest", "weighted"]
+
+
 class RouteSettings(_Base):
-    strategy: Literal["priority", "cheapest"] = "priority"
+    #: ``priority``: the first eligible, healthy instance in ``providers`` order; ``cheapest``: the
+    #: lowest declared cost (ties by order); ``weighted``: spread by ``weights``, stable per object
+    strategy: Strategy = "priority"
+    #: provider instances (keys of ``providers``), in priority order
     providers: list[str] = msgspec.field(default_factory=lambda: ["sandbox"])
+    #: ``weighted`` only: a relative weight per instance (missing: 1)
+    weights: dict[str, Annotated[float, msgspec.Meta(gt=0)]] = msgspec.field(default_factory=dict)
+
+
+class BreakerSettings(_Base):
+    #: provider-side failures in a row (unavailable, timeouts, rate limits, 5xx) that open an
+    #: instance's breaker for an operation
+    failures: PosInt = 5
+    #: how long an open breaker stays open before one probe request is let through
+    cooldown_s: Positive = 30.0
 
 
 class RoutingSettings(_Base):
     training: RouteSettings = msgspec.field(default_factory=RouteSettings)
     inference: RouteSettings = msgspec.field(default_factory=RouteSettings)
+    breaker: BreakerSettings = msgspec.field(default_factory=BreakerSettings)
 
 
 class TeamDefaults(_Base):
@@ -206,7 +223,8 @@ class Settings(_Base):
     captioners: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
-    #: enabled providers and their options, keyed by provider name
+    #: provider instances and their options, keyed by instance name; ``type`` names the provider
+    #: type (a registered provider; default: the instance name itself)
     providers: dict[str, dict[str, Any]] = msgspec.field(default_factory=lambda: {"sandbox": {}})
     teams: TeamDefaults = msgspec.field(default_factory=TeamDefaults)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
@@ -284,14 +302,26 @@ def _check_consistency(s: Settings, source: str) -> None:
     for name in s.engine.providers:
         if name not in s.providers:
             raise ConfigError(f"{source}: `engine.providers` names `{name}`, which is not configured under `providers`")
+    for name, raw in s.providers.items():
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: `providers.{name}` must be a mapping of options")
+        if "type" in raw and (not isinstance(raw["type"], str) or not raw["type"]):
+            raise ConfigError(f"{source}: `providers.{name}.type` must name a provider type")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            raise ConfigError(f"{source}: provider instance name `{name}`: letters, digits, `_`, `.` and `-` only")
     for op in ("training", "inference"):
-        route: RouteSettings = getattr(s.routing, op)
-        if not route.providers:
-            raise ConfigError(f"{source}: `routing.{op}.providers` is empty")
-        for name in route.providers:
-            if name not in s.providers:
-                raise ConfigError(
-                    f"{source}: `routing.{op}.providers` names `{name}`, which is not configured under `providers`"
-                )
+        check_route(getattr(s.routing, op), s.providers, f"{source}: `routing.{op}")
     if s.server.public_base_url is not None and not re.match(r"^https?://", s.server.public_base_url):
         raise ConfigError(f"{source}: `server.public_base_url` must start with http:// or https://")
+
+
+def check_route(route: RouteSettings, providers: dict[str, Any], where: str) -> None:
+    """A route names configured instances only (``where`` is the message's prefix)."""
+    if not route.providers:
+        raise ConfigError(f"{where}.providers` is empty")
+    for name in route.providers:
+        if name not in providers:
+            raise ConfigError(f"{where}.providers` names `{name}`, which is not configured under `providers`")
+    for name in route.weights:
+        if name not in route.providers:
+            raise ConfigError(f"{where}.weights` names `{name}`, which is not in its `providers`")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -18,13 +19,15 @@ import pluggy
 import structlog
 
 from gateway.authcache import AuthCache
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, RouteSettings, Settings
 from gateway.errors import split_validation_error
 from gateway.imagework import ImageWorkers
-from gateway.engine.routing import CircuitBreaker, Router
+from gateway.engine.routing import Router
+from gateway.health import ProviderHealth
 from gateway.netsafety import UrlPolicy, webhook_client
 from gateway.ratelimit import RateLimiter
 from gateway.signing import UrlSigner
+from gateway.store import teams as teams_store
 from gateway.store.db import Database
 from gateway.uploads import UploadLimits
 from plugins import manager as plugin_manager
@@ -46,6 +49,7 @@ class Gateway:
     fallback_captioner: Captioner
     providers: dict[str, Provider]
     router: Router
+    health: ProviderHealth
     signer: UrlSigner
     rate_limiter: RateLimiter
     url_policy: UrlPolicy
@@ -100,6 +104,35 @@ async def _signing_secret(db: Database, configured: str | None) -> bytes:
         return secret
 
 
+class TeamRoutes:
+    """A team's own routes (``teams.routing``, set with ``lora-gateway teams set-route``), read from
+    the database and kept for a few seconds."""
+
+    TTL_S = 5.0
+
+    def __init__(self, db: Database, providers: dict[str, Provider]) -> None:
+        self.db = db
+        self.providers = providers
+        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    async def __call__(self, team_id: str) -> dict[str, Any] | None:
+        hit = self._cache.get(team_id)
+        if hit is not None and time.monotonic() - hit[0] < self.TTL_S:
+            return hit[1]
+        async with self.db.read() as conn:
+            raw = await teams_store.team_routing(conn, team_id)
+        routes = None
+        if raw:
+            routes = {op: msgspec.convert(r, RouteSettings) for op, r in raw.items()}
+            # a route naming instances no longer configured keeps those it still can
+            for op, r in routes.items():
+                kept = [n for n in r.providers if n in self.providers]
+                routes[op] = msgspec.structs.replace(r, providers=kept)
+            routes = {op: r for op, r in routes.items() if r.providers}
+        self._cache[team_id] = (time.monotonic(), routes)
+        return routes
+
+
 @contextlib.asynccontextmanager
 async def open_gateway(
     settings: Settings,
@@ -120,9 +153,11 @@ async def open_gateway(
         raise ConfigError(f"`storage.backend`: unknown backend {settings.storage.backend!r} (have {sorted(storage_classes)})")
     if settings.datasets.captioner not in caption_classes:
         raise ConfigError(f"`datasets.captioner`: unknown captioner {settings.datasets.captioner!r} (have {sorted(caption_classes)})")
-    for name in settings.providers:
-        if name not in provider_classes:
-            raise ConfigError(f"`providers.{name}`: no provider plugin is registered as {name!r} (have {sorted(provider_classes)})")
+    for name, raw in settings.providers.items():
+        kind = raw.get("type", name)
+        if kind not in provider_classes:
+            what = f"type {kind!r}" if "type" in raw else f"{name!r} (and it names no `type`)"
+            raise ConfigError(f"`providers.{name}`: no provider plugin is registered as {what} (have {sorted(provider_classes)})")
 
     def http_client_factory(name: str) -> Callable[..., httpx.AsyncClient]:
         def make(**kwargs: Any) -> httpx.AsyncClient:
@@ -157,9 +192,11 @@ async def open_gateway(
     providers: dict[str, Provider] = {}
     try:
         for name, raw in settings.providers.items():
-            cls = provider_classes[name]
-            cfg = _decode_section(cls.config_type, raw, f"providers.{name}")
+            options = dict(raw)
+            cls = provider_classes[options.pop("type", name)]
+            cfg = _decode_section(cls.config_type, options, f"providers.{name}")
             setup = ProviderSetup(
+                instance=name,
                 storage=storage,
                 data_dir=data_dir,
                 public_base_url=settings.server.public_base_url,
@@ -171,6 +208,7 @@ async def open_gateway(
         webhook_http = webhook_client(url_policy, timeout_s=settings.webhooks.timeout_s, transport=transports.get("webhooks"))
         secret = await _signing_secret(db, settings.server.url_signing_secret)
         base_url = settings.server.public_base_url or f"http://{settings.server.host}:{settings.server.port}"
+        health = ProviderHealth(db, settings.routing.breaker)
         gw = Gateway(
             settings=settings,
             db=db,
@@ -178,7 +216,9 @@ async def open_gateway(
             captioner=captioner,
             fallback_captioner=fallback,
             providers=providers,
-            router=Router(providers, settings.routing.training, settings.routing.inference, CircuitBreaker()),
+            router=Router(providers, settings.routing, health, public=bool(settings.server.public_base_url),
+                          team_routes=TeamRoutes(db, providers)),
+            health=health,
             signer=UrlSigner(secret, base_url),
             rate_limiter=RateLimiter(),
             url_policy=url_policy,

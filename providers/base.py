@@ -20,9 +20,10 @@ if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     from plugins.storage.base import Storage
 
 SubjectKind = Literal["person", "style", "object"]
-#: how a provider wants the prepared dataset: a URL of the zip, the image files, signed URLs of
-#: each image (needs ``server.public_base_url``), or a local directory
-DatasetInput = Literal["zip_url", "files", "image_urls", "directory"]
+#: how a provider wants the prepared dataset: the zip file (it uploads it itself), a signed URL
+#: of the zip, the image files, signed URLs of each image, or a local directory. The two URL
+#: forms need ``server.public_base_url`` (routing skips the provider without it)
+DatasetInput = Literal["zip", "zip_url", "files", "image_urls", "directory"]
 ASPECT_RATIOS: frozenset[str] = frozenset({"1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"})
 OUTPUT_FORMATS: frozenset[str] = frozenset({"png", "jpg", "webp"})
 #: generation parameters a provider may or may not honour (``InferenceCapabilities.honours``);
@@ -57,8 +58,13 @@ class InferenceCapabilities(msgspec.Struct, frozen=True, kw_only=True):
     #: formats the provider produces itself; the gateway re-encodes to any other
     output_formats: frozenset[str] = OUTPUT_FORMATS
     #: which of GENERATION_PARAMS it passes on; a request that set another one is served with it
-    #: ignored (recorded on the job as ``ignoredParams``)
+    #: ignored (recorded on the job as ``ignoredParams``); routing prefers providers honouring all
     honours: frozenset[str] = GENERATION_PARAMS
+    #: key layouts of LoRA files it loads (``accepts_lora_file``)
+    lora_formats: frozenset[str] = frozenset({"diffusers", "kohya"})
+    #: how it reaches a portable LoRA's weights: ``any`` (it fetches or uploads them itself),
+    #: ``local_file`` (a path on this machine: local storage), ``public_url`` (a signed gateway URL)
+    weights_access: Literal["any", "local_file", "public_url"] = "any"
 
 
 class Cost(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,6 +146,8 @@ class LoraHandle(msgspec.Struct, frozen=True, kw_only=True):
     artifact_path: Path | None = None  # local copy of the weights (portable LoRAs)
     artifact_url: str | None = None  # a signed gateway URL of the weights, if public
     artifact_format: str | None = None  # "diffusers" | "kohya"
+    artifact_key: str | None = None  # the weights' key in gateway storage (``setup.storage``)
+    artifact_sha256: str | None = None
 
 
 class GenerationSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -258,20 +266,33 @@ class ProviderSetup:
     #: *args)`` runs CPU-heavy image work (drawing, encoding) on low-priority threads, so the
     #: API's event loop keeps the CPU it needs; None outside a gateway (then use your own thread)
     image_workers: Any = None
+    #: the instance's name in the config (``providers.<instance>``); it becomes ``Provider.name``
+    #: (two accounts of one vendor are two instances of one type). None: the type's own name
+    instance: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Provider(ABC):
     """A training and/or inference backend. Register the class through ``register_providers``."""
 
-    name: ClassVar[str]
-    #: msgspec Struct type of this provider's config section (``providers.<name>``)
+    #: the provider *type*'s name (its ``type:`` in the config); on an object, the instance's name
+    name: str
+    #: msgspec Struct type of this provider's config section (``providers.<instance>``)
     config_type: ClassVar[type[msgspec.Struct]]
     capabilities: Capabilities
 
     def __init__(self, config: Any, setup: ProviderSetup) -> None:
         self.config = config
         self.setup = setup
+        if setup.instance:
+            self.name = setup.instance
+
+    def state_dir(self) -> Path:
+        """This instance's own directory under the data dir: ``<type>`` for the instance named like
+        its type (the default), ``<type>-<instance>`` for any other, so two instances of one type
+        never share state."""
+        kind = type(self).name
+        return Path(self.setup.data_dir) / (kind if self.name == kind else f"{kind}-{self.name}")
 
     # -- training
     async def start_training(self, spec: TrainingSpec, dataset: Dataset) -> TrainingSubmission:

@@ -180,7 +180,7 @@ class SandboxProvider(Provider):
         self.config: SandboxConfig = config
         self.clock: Callable[[], float] = time.time
         self.submit_calls = 0
-        self.root = Path(setup.data_dir) / "sandbox"
+        self.root = self.state_dir()
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[int, _TrainingJob | _GenerationJob]] = {}
         cost = Cost(per_training=config.cost_per_training, per_image=config.cost_per_image)

@@ -172,7 +172,8 @@ class WaveSpeedAdapter(Provider):
         self._files = setup.http_client(timeout=timeout, follow_redirects=True)  # no credentials
         self.capabilities = Capabilities(
             training=TrainingCapabilities(min_steps=500, max_steps=config.max_steps, min_rank=1, max_rank=64,
-                                          dataset_input="zip_url", produces_artifact=True),
+                                          dataset_input="zip_url" if config.dataset_delivery == "gateway_url" else "zip",
+                                          produces_artifact=True),
             inference=InferenceCapabilities(accepts_lora_file=True, max_outputs=4, aspect_ratios=ASPECT_RATIOS,
                                             output_formats=frozenset(_FORMATS)),
             cost=Cost(per_training=config.cost_per_training, per_image=config.cost_per_image),

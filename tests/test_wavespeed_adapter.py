@@ -170,7 +170,7 @@ def test_config_and_capabilities(make: Callable[..., WaveSpeedAdapter]) -> None:
     caps = make().capabilities
     assert caps.training and caps.inference
     assert (caps.training.min_steps, caps.training.max_steps, caps.training.min_rank, caps.training.max_rank) == (500, 4000, 1, 64)
-    assert caps.training.dataset_input == "zip_url" and caps.training.produces_artifact
+    assert caps.training.dataset_input == "zip" and caps.training.produces_artifact  # it uploads the zip itself
     assert caps.inference.max_outputs == 4 and len(caps.inference.aspect_ratios) == 7
     assert caps.inference.output_formats == {"png", "jpg", "webp"}
     assert (caps.cost.per_image, caps.cost.per_training) == (0.015, 1.0)

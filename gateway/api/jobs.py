@@ -9,6 +9,7 @@ from gateway.api.params import parse_query
 from gateway.api.views import job_view
 from gateway.services import idempotency
 from gateway.services import jobs as job_service
+from gateway.services import providers as provider_service
 from gateway.store import work
 
 MAX_JSON_BODY = 64 * 1024
@@ -24,7 +25,8 @@ class GenerateController(Controller):
         principal = await caller(request)
         key = idempotency.key_from(request.headers)
         req, set_params = job_service.decode_generate(await request.body())
-        job, replayed = await job_service.create(gw, principal, req, idempotency_key=key, set_params=set_params)
+        job, replayed = await job_service.create(gw, principal, req, idempotency_key=key, set_params=set_params,
+                                                 preferred=provider_service.preferred(gw, request.headers))
         headers = {"idempotent-replayed": "true"} if replayed else {}
         return Response({"jobId": job.id, "status": job.status}, status_code=202, headers=headers)
 

@@ -11,6 +11,7 @@ from gateway.api.params import parse_query
 from gateway.api.views import lora_view
 from gateway.services import idempotency
 from gateway.services import loras as lora_service
+from gateway.services import providers as provider_service
 from gateway.uploads import receive_upload
 
 
@@ -23,6 +24,7 @@ class LoraController(Controller):
         gw = gateway(request)
         principal = await caller(request)
         key = idempotency.key_from(request.headers)
+        preferred = provider_service.preferred(gw, request.headers)
         if not await lora_service.has_idempotent_record(gw, principal, key):
             await lora_service.precheck_create(gw, principal)  # fail fast, before reading 100 MB
         tmp_root = gw.settings.uploads.tmp_dir
@@ -31,7 +33,7 @@ class LoraController(Controller):
             tmp_root=None if tmp_root is None else Path(tmp_root),
         )
         try:
-            lora, replayed = await lora_service.create(gw, principal, upload, idempotency_key=key)
+            lora, replayed = await lora_service.create(gw, principal, upload, idempotency_key=key, preferred=preferred)
         finally:
             upload.cleanup()
         headers = {"idempotent-replayed": "true"} if replayed else {}

@@ -25,6 +25,7 @@ crash budget (:meth:`Runner.crashed`).
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import structlog
 from gateway.config import EngineSettings
 from gateway.context import Gateway
 from gateway.engine.errors import LeaseLost, StepError
+from gateway.health import OPERATIONS
 from gateway.store import cancels as cancels_store
 from gateway.store import work
 from gateway.store.models import Attempt
@@ -105,6 +107,7 @@ class Polled:
     provider: Provider
     answer: Answer | None = None
     error: ProviderError | None = None
+    ms: float = 0.0
 
 
 #: errors that say the provider itself is in trouble (they count against its health); a
@@ -117,10 +120,11 @@ def retry_after(e: BaseException) -> float | None:
     return float(value) if value else None
 
 
-def new_attempt(kind: str, owner_id: str, seq: int, provider: Provider, cost: float) -> Attempt:
+def new_attempt(kind: str, owner_id: str, seq: int, provider: Provider, cost: float, *,
+                attempt_id: str | None = None) -> Attempt:
     """An attempt in state ``submitting``: recorded before the provider is called."""
     return Attempt(
-        id=new_id(), owner_kind=kind, owner_id=owner_id, seq=seq, provider=provider.name,
+        id=attempt_id or new_id(), owner_kind=kind, owner_id=owner_id, seq=seq, provider=provider.name,
         provider_ref=None, provider_trigger_word=None, state="submitting", progress=None, error=None,
         retryable=False, cost=cost, currency=provider.capabilities.cost.currency,
         polls=0, created_at=now(), submitted_at=None, progressed_at=None, finished_at=None,
@@ -247,13 +251,18 @@ class Runner:
     def timing(self, provider: str) -> Timing:
         return timing(self.engine, self.op.name, provider)
 
-    def health(self, provider: Provider, error: BaseException | None = None) -> None:
-        """Feed the router's breaker with what a real call showed: provider-side trouble is a
-        failure; any answer (even "that job failed") is a success."""
+    @property
+    def operation(self) -> str:
+        return OPERATIONS[self.op.kind]
+
+    async def health(self, provider: Provider, error: BaseException | None = None, started: float | None = None) -> None:
+        """Feed the shared breaker with what a real call showed: provider-side trouble is a
+        failure; any answer (even "that job failed") is a success; a rejection is neither."""
+        ms = (time.monotonic() - started) * 1000 if started is not None else None
         if error is None:
-            self.gw.router.breaker.success(provider.name)
+            await self.gw.health.record(provider.name, self.operation, ok=True, duration_ms=ms)
         elif isinstance(error, PROVIDER_SIDE):
-            self.gw.router.breaker.failure(provider.name)
+            await self.gw.health.record(provider.name, self.operation, ok=False, duration_ms=ms)
 
     async def read(self, row_id: str) -> Any:
         async with self.gw.db.read() as conn:
@@ -312,14 +321,26 @@ class Runner:
             await self.fail(row, summary(attempts) or self.op.no_provider)
             return False
         try:
-            provider = choose(await self.op.candidates(self.gw, row), attempts)
+            candidates = await self.op.candidates(self.gw, row)
         except StepError as e:
             await self.fail(row, e.message)
             return False
+        provider, attempt_id = choose(candidates, attempts), new_id()
+        while provider is not None and await self.gw.health.state(provider.name, self.operation) in ("half-open", "probing"):
+            # its breaker lets one probe through at a time: this attempt, or another instance
+            if await self.gw.health.claim_probe(provider.name, self.operation, attempt_id):
+                log.info("breaker_probe", provider=provider.name)
+                break
+            candidates = [c for c in candidates if c is not provider]
+            if choose(candidates, attempts) is None:  # nothing else can serve it: wait for the probe
+                await self.release(row, self.timing(provider.name).min_poll_s)
+                return False
+            provider = choose(candidates, attempts)
         if provider is None:
             await self.fail(row, summary(attempts) or self.op.no_provider)
             return False
-        attempt = new_attempt(self.op.kind, row.id, len(attempts) + 1, provider, self.op.cost(provider, row))
+        attempt = new_attempt(self.op.kind, row.id, len(attempts) + 1, provider, self.op.cost(provider, row),
+                              attempt_id=attempt_id)
         try:
             async with self.gw.db.tx() as conn:
                 extra = await self.op.record(conn, row, attempt)
@@ -332,11 +353,12 @@ class Runner:
 
     async def _send(self, row: Any, provider: Provider, attempt: Attempt) -> bool:
         log.info(f"{self.op.name}_submitting", provider=provider.name, attempt=attempt.seq)
+        started = time.monotonic()
         try:
             answer = await self.op.send(self.gw, row, provider, attempt)
-            self.health(provider)
+            await self.health(provider, None, started)
         except ProviderOutcomeUnknown as e:
-            self.health(provider, e)
+            await self.health(provider, e, started)
             # it may have been accepted: reconcile, never resend at once
             log.warning("submission_ambiguous", provider=provider.name, error=e.message)
             t = self.timing(provider.name)
@@ -347,7 +369,7 @@ class Runner:
                                     lease_expires=None)
             return False
         except (ProviderError, StepError) as e:
-            self.health(provider, e)
+            await self.health(provider, e, started)
             log.warning("provider_call_failed", provider=provider.name, call=f"submit {self.op.name}",
                         error=e.message, retryable=e.retryable)
             return await self._attempt_failed(row, attempt, e.message, e.retryable, delay=retry_after(e))
@@ -455,11 +477,12 @@ class Runner:
                 return await self._attempt_failed(row, attempt, f"provider {attempt.provider!r} is no longer configured",
                                                   True)
             polled = Polled(attempt, provider)
+            started = time.monotonic()
             try:
                 polled.answer = await self.op.status(provider, attempt.provider_ref)
             except ProviderError as e:
                 polled.error = e
-            self.health(provider, polled.error)
+            await self.health(provider, polled.error, started)
         attempt, provider = polled.attempt, polled.provider
         if polled.error is not None:
             return await self._poll_error(row, attempt, provider, polled.error)
@@ -653,6 +676,21 @@ class Runner:
 
     # ------------------------------------------------------------------ poll batches
 
+    async def _batch_health(self, polls: Any) -> None:
+        """A batch's outcomes per provider, fed to the breaker in one go: a provider-side failure
+        counts (each one), else one success (which costs no write while it is healthy)."""
+        per: dict[str, tuple[Provider, int, int, float]] = {}
+        for p in polls:
+            provider, ok, bad, ms = per.get(p.provider.name, (p.provider, 0, 0, 0.0))
+            side = isinstance(p.error, PROVIDER_SIDE)
+            per[p.provider.name] = (provider, ok + (p.error is None), bad + side, ms + p.ms)
+        for provider, ok, bad, ms in per.values():
+            if bad:
+                await self.gw.health.record(provider.name, self.operation, ok=False, failures=bad, calls=ok + bad,
+                                            duration_ms=ms)
+            elif ok:
+                await self.gw.health.record(provider.name, self.operation, ok=True, calls=ok, duration_ms=ms)
+
     async def poll_many(self, rows: list[Any], limiter: anyio.CapacityLimiter) -> list[tuple[Any, Polled | None]]:
         """Poll many leased rows at once (each status request takes a slot of ``limiter``) and
         write every plain "still running" answer in one transaction, the common case, so
@@ -669,16 +707,18 @@ class Runner:
                 return
             p = Polled(attempt, provider)
             async with limiter:
+                started = time.monotonic()
                 try:
                     p.answer = await self.op.status(provider, attempt.provider_ref)
                 except ProviderError as e:
                     p.error = e
-            self.health(provider, p.error)
+                p.ms = (time.monotonic() - started) * 1000
             polled[row.id] = p
 
         async with anyio.create_task_group() as tg:
             for row in rows:
                 tg.start_soon(one, row)
+        await self._batch_health(polled.values())
         running, rest = [], []
         for row in rows:
             p = polled.get(row.id)

@@ -25,7 +25,7 @@ from gateway.engine.routing import InferenceNeeds
 from gateway.imaging import SIZES, finalise_image
 from gateway.store import teams as teams_store
 from gateway.store import work
-from gateway.store.models import Attempt, Job, JobImage, Lora
+from gateway.store.models import Artifact, Attempt, Job, JobImage, Lora
 from gateway.timeutil import now
 from gateway.triggers import apply_trigger
 from providers.base import GENERATION_PARAMS, GenerationSpec, GenerationStatus, LoraHandle, Provider
@@ -51,7 +51,7 @@ async def _start(runner: Runner, job: Job) -> bool:
     return True
 
 
-async def _lora(gw: Gateway, job: Job) -> tuple[Lora, LoraHandle]:
+async def _lora(gw: Gateway, job: Job) -> tuple[Lora, LoraHandle, Artifact | None]:
     async with gw.db.read() as conn:
         lora = await work.get_lora(conn, job.lora_id, job.team_id)
         if lora is None or lora.status != "READY":
@@ -68,8 +68,10 @@ async def _lora(gw: Gateway, job: Job) -> tuple[Lora, LoraHandle]:
         artifact_path=gw.storage.local_path(artifact.storage_key) if artifact else None,
         artifact_url=gw.file_url(artifact.storage_key) if artifact and gw.settings.server.public_base_url else None,
         artifact_format=artifact.format if artifact else None,
+        artifact_key=artifact.storage_key if artifact else None,
+        artifact_sha256=artifact.sha256 if artifact else None,
     )
-    return lora, handle
+    return lora, handle, artifact
 
 
 def _spec(job: Job, attempt_id: str, handle: LoraHandle, provider: Provider) -> GenerationSpec:
@@ -108,17 +110,22 @@ class GenerationOperation(Operation):
             raise LeaseLost(row.id)
 
     async def candidates(self, gw: Gateway, job: Job) -> list[Provider]:
-        lora, handle = await _lora(gw, job)
+        lora, handle, artifact = await _lora(gw, job)
         p = _params(job)
-        needs = InferenceNeeds(num_outputs=p.get("num_outputs", 1), aspect_ratio=p.get("aspect_ratio") or "1:1",
-                               portable=lora.portable, trained_by=handle.trained_by)
-        return gw.router.inference_order(needs)
+        needs = InferenceNeeds(
+            num_outputs=p.get("num_outputs", 1), aspect_ratio=p.get("aspect_ratio") or "1:1",
+            portable=lora.portable and artifact is not None, trained_by=handle.trained_by,
+            set_params=frozenset(p), artifact_format=handle.artifact_format,
+            weights_local=handle.artifact_path is not None, key=job.id, team_id=job.team_id,
+            preferred=job.preferred_provider,
+        )
+        return await gw.router.inference_order(needs)
 
     def cost(self, provider: Provider, job: Job) -> float:
         return provider.capabilities.cost.per_image * _params(job).get("num_outputs", 1)
 
     async def send(self, gw: Gateway, job: Job, provider: Provider, attempt: Attempt) -> Answer:
-        _, handle = await _lora(gw, job)
+        _, handle, _ = await _lora(gw, job)
         return _answer(await provider.generate(_spec(job, attempt.id, handle, provider), handle))
 
     async def lookup(self, provider: Provider, attempt_id: str) -> Answer | None:

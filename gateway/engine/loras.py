@@ -149,7 +149,9 @@ class TrainingOperation(Operation):
             raise LeaseLost(row.id)
 
     async def candidates(self, gw: Gateway, lora: Lora) -> list[Provider]:
-        return gw.router.training_order(TrainingNeeds(lora.subject_kind, lora.steps, lora.lora_rank))
+        return await gw.router.training_order(TrainingNeeds(
+            lora.subject_kind, lora.steps, lora.lora_rank, key=lora.id, team_id=lora.team_id,
+            preferred=lora.preferred_provider))
 
     def cost(self, provider: Provider, row: Lora) -> float:
         return provider.capabilities.cost.per_training

@@ -98,7 +98,7 @@ def stored_input(req: GenerateImageRequest, set_params: frozenset[str]) -> dict[
 
 async def create(
     gw: Gateway, principal: Principal, req: GenerateImageRequest, *, idempotency_key: str | None = None,
-    set_params: frozenset[str] | None = None,
+    set_params: frozenset[str] | None = None, preferred: str | None = None,
 ) -> tuple[Job, bool]:
     """Charge and queue a generation. Returns the job and whether it is an idempotent replay.
     ``set_params``: the ``fluxLoraParams`` the client sent (default: every field)."""
@@ -129,7 +129,7 @@ async def create(
         credit_cost=cost, webhook_url=req.webhookUrl,
         webhook_events=list(req.webhookEvents) if req.webhookEvents else None,
         webhook_status="pending" if req.webhookUrl else None,
-        stage="start", next_run_at=ts, created_at=ts, updated_at=ts,
+        stage="start", next_run_at=ts, created_at=ts, updated_at=ts, preferred_provider=preferred,
     )
     async with gw.db.tx() as conn:
         if idempotency_key:  # a concurrent request with the same key may have won the race

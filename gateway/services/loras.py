@@ -134,7 +134,8 @@ def request_digest(upload: ReceivedUpload) -> str:
 
 
 async def create(
-    gw: Gateway, principal: Principal, upload: ReceivedUpload, *, idempotency_key: str | None = None
+    gw: Gateway, principal: Principal, upload: ReceivedUpload, *, idempotency_key: str | None = None,
+    preferred: str | None = None,
 ) -> tuple[Lora, bool]:
     """Store the images, charge the create fee and queue the LoRA. Returns (lora, replayed)."""
     digest = request_digest(upload)
@@ -157,7 +158,7 @@ async def create(
                 if earlier is not None:
                     replayed = await _existing(conn, earlier)
             if replayed is None:
-                lora = await _insert(conn, principal, lora_id, form, len(upload.images))
+                lora = await _insert(conn, principal, lora_id, form, len(upload.images), preferred)
                 if idempotency_key:
                     await idempotency.remember(conn, principal.team_id, idempotency_key, ROUTE, digest, lora_id)
     except BaseException:
@@ -172,7 +173,8 @@ async def create(
     return lora, False
 
 
-async def _insert(conn: Any, principal: Principal, lora_id: str, form: LoraForm, image_count: int) -> Lora:
+async def _insert(conn: Any, principal: Principal, lora_id: str, form: LoraForm, image_count: int,
+                  preferred: str | None = None) -> Lora:
     team = await teams_store.get_team(conn, principal.team_id)
     assert team is not None
     _check_cap(await work.count_active_trainings(conn, team.id), team.max_concurrent_trainings)
@@ -186,6 +188,7 @@ async def _insert(conn: Any, principal: Principal, lora_id: str, form: LoraForm,
         age=form.age, status="PENDING", image_count=image_count, steps=form.steps,
         lora_rank=form.rank, trigger_word=word, webhook_url=form.webhook_url,
         webhook_events=form.webhook_events, stage="prepare", next_run_at=ts, created_at=ts, updated_at=ts,
+        preferred_provider=preferred,
     )
     try:
         await teams_store.apply_credits(conn, team.id, -CREATE_FEE, reason="LoRA create", ref=lora_id, kind="lora_create")

@@ -265,4 +265,38 @@ def m005_provider_contract() -> list[str]:
     ]
 
 
-MIGRATIONS = [m001_initial, m002_durability, m003_engine, m004_webhook_deliveries, m005_provider_contract]
+def m006_routing() -> list[str]:
+    return [
+        # one breaker per provider instance and operation, shared by every process
+        """CREATE TABLE provider_health (
+            instance TEXT NOT NULL,
+            operation TEXT NOT NULL,            -- training | inference
+            state TEXT NOT NULL,                -- closed | open
+            failures INTEGER NOT NULL DEFAULT 0,
+            opened_at REAL,
+            probe_attempt TEXT,
+            probe_expires REAL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (instance, operation)
+        )""",
+        # provider calls per instance, operation and minute (success rate and latency)
+        """CREATE TABLE provider_calls (
+            instance TEXT NOT NULL,
+            operation TEXT NOT NULL,
+            minute INTEGER NOT NULL,
+            calls INTEGER NOT NULL,
+            failures INTEGER NOT NULL,
+            total_ms REAL NOT NULL,
+            PRIMARY KEY (instance, operation, minute)
+        )""",
+        # a team's own routes (JSON: {training?: route, inference?: route}), set with the CLI
+        "ALTER TABLE teams ADD COLUMN routing TEXT",
+        # the instance a request asked for (X-Gateway-Provider), honoured when eligible and healthy
+        "ALTER TABLE loras ADD COLUMN preferred_provider TEXT",
+        "ALTER TABLE jobs ADD COLUMN preferred_provider TEXT",
+        "CREATE INDEX attempts_cost ON attempts (owner_kind, provider, submitted_at)",
+    ]
+
+
+MIGRATIONS = [m001_initial, m002_durability, m003_engine, m004_webhook_deliveries, m005_provider_contract,
+              m006_routing]

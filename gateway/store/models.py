@@ -16,6 +16,7 @@ class Team(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_trainings: int
     rate_limit_per_minute: int | None
     created_at: float
+    routing: str | None = None  # JSON {training?, inference?}: the team's own routes
 
 
 class User(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +80,7 @@ class Lora(msgspec.Struct, frozen=True, kw_only=True):
     crashes: int = 0
     trained_attempt_id: str | None = None
     sample_keys: list[str] | None = None
+    preferred_provider: str | None = None
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -142,6 +144,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
     crashes: int = 0
     ignored_params: list[str] | None = None
+    preferred_provider: str | None = None
 
 
 class JobImage(msgspec.Struct, frozen=True, kw_only=True):

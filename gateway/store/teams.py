@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiosqlite
+import msgspec
 
 from gateway.store.models import ApiKey, LedgerEntry, Team, User, row_to
 from gateway.timeutil import new_id, now
@@ -56,6 +59,18 @@ async def set_team_limits(
            WHERE id = ?""",
         (max_concurrent_trainings, rate_limit_per_minute, team_id),
     )
+    return cur.rowcount == 1
+
+
+async def team_routing(conn: aiosqlite.Connection, team_id: str) -> dict[str, Any] | None:
+    """A team's own routes as stored (``{"training": {...}, "inference": {...}}``), or None."""
+    rows = list(await conn.execute_fetchall("SELECT routing FROM teams WHERE id = ?", (team_id,)))
+    return msgspec.json.decode(rows[0][0]) if rows and rows[0][0] else None
+
+
+async def set_team_routing(conn: aiosqlite.Connection, team_id: str, routing: dict[str, Any] | None) -> bool:
+    cur = await conn.execute("UPDATE teams SET routing = ? WHERE id = ?",
+                             (msgspec.json.encode(routing).decode() if routing else None, team_id))
     return cur.rowcount == 1
 
 

@@ -326,6 +326,29 @@ async def hint_attempt(conn: aiosqlite.Connection, provider: str, attempt_id: st
     return attempt.owner_id if cur.rowcount == 1 else None
 
 
+async def attempts_in_flight(conn: aiosqlite.Connection, states: Iterable[str]) -> dict[tuple[str, str], int]:
+    """``(provider, owner kind) -> count`` of attempts in ``states``."""
+    states = list(states)
+    marks = ", ".join("?" for _ in states)
+    rows = await conn.execute_fetchall(
+        f"SELECT provider, owner_kind, COUNT(*) FROM attempts WHERE state IN ({marks}) GROUP BY provider, owner_kind",
+        states,
+    )
+    return {(r[0], r[1]): int(r[2]) for r in rows}
+
+
+async def team_usage(conn: aiosqlite.Connection, team_id: str, *, since: float) -> list[tuple[str, str, str, float, float]]:
+    """``(provider, kind, currency, submitted_at, cost)`` of the team's attempts a provider accepted since ``since``."""
+    rows = await conn.execute_fetchall(
+        """SELECT a.provider, a.owner_kind, a.currency, a.submitted_at, a.cost FROM attempts a
+           WHERE a.submitted_at >= ? AND a.provider_ref IS NOT NULL AND (
+             (a.owner_kind = 'lora' AND a.owner_id IN (SELECT id FROM loras WHERE team_id = ?)) OR
+             (a.owner_kind = 'job' AND a.owner_id IN (SELECT id FROM jobs WHERE team_id = ?)))""",
+        (since, team_id, team_id),
+    )
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
 async def current_attempt(conn: aiosqlite.Connection, kind: str, owner_id: str) -> Attempt | None:
     rows = list(
         await conn.execute_fetchall(

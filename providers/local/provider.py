@@ -36,7 +36,7 @@ _FORMATS = frozenset({"png", "jpg", "webp"})
 _IMAGE_RE = re.compile(r"\d{3,}\.(jpg|jpeg|png|webp)", re.IGNORECASE)
 _TRAINING = TrainingCapabilities(dataset_input="directory", produces_artifact=True, min_steps=1, max_steps=100_000,
                                  min_rank=1, max_rank=256)
-_INFERENCE = InferenceCapabilities(accepts_lora_file=True, max_outputs=4)
+_INFERENCE = InferenceCapabilities(accepts_lora_file=True, max_outputs=4, weights_access="local_file")
 
 
 def _ref(kind: str, attempt_id: str) -> str:
@@ -68,7 +68,7 @@ class LocalProvider(Provider):
     def __init__(self, config: LocalConfig, setup: ProviderSetup) -> None:
         super().__init__(config, setup)
         self.config: LocalConfig = config
-        self.root = Path(setup.data_dir) / "local"
+        self.root = self.state_dir()
         self.model_dir = Path(config.model_dir).expanduser().absolute()
         cost = Cost(per_training=config.cost_per_training, per_image=config.cost_per_image)
         self.capabilities = Capabilities(training=_TRAINING, inference=_INFERENCE, cost=cost,
