@@ -18,6 +18,7 @@ from gateway.api import admin as admin_api
 from gateway.api import hooks as hooks_api
 from gateway.api import jobs as jobs_api
 from gateway.api import loras as loras_api
+from gateway.api import providers as providers_api
 from gateway.api import system
 from gateway.api.errors import EXCEPTION_HANDLERS
 from gateway.config import Settings
@@ -66,6 +67,8 @@ def create_app(
             system.readyz,
             system.files,
             admin_api.AdminController,
+            providers_api.ProvidersController,
+            providers_api.metrics,
             hooks_api.provider_callback,
         ],
         lifespan=[lifespan],

@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, RouteSettings, Settings, load_settings
 from gateway.errors import GatewayError
 from gateway.logging import configure_logging
 from gateway.services import accounts
@@ -143,7 +143,8 @@ def cmd_teams_list(args: argparse.Namespace) -> int:
     async def go(db: Database) -> None:
         for t in await accounts.list_teams(db):
             rate = t.rate_limit_per_minute if t.rate_limit_per_minute is not None else "default"
-            print(f"{t.id}  {t.name!r}  credits={t.credits}  max_concurrent_trainings={t.max_concurrent_trainings}  rate_limit={rate}")
+            routes = f"  routing={t.routing}" if t.routing else ""
+            print(f"{t.id}  {t.name!r}  credits={t.credits}  max_concurrent_trainings={t.max_concurrent_trainings}  rate_limit={rate}{routes}")
 
     return _admin(args, go)
 
@@ -156,6 +157,41 @@ def cmd_teams_limits(args: argparse.Namespace) -> int:
         print(f"team {t.id}  max_concurrent_trainings={t.max_concurrent_trainings}  rate_limit={t.rate_limit_per_minute}")
 
     return _admin(args, go)
+
+
+def _route_from_args(args: argparse.Namespace) -> RouteSettings | None:
+    if args.clear:
+        return None
+    if not args.providers:
+        raise SystemExit("set-route: give --providers a,b (or --clear)")
+    weights: dict[str, float] = {}
+    for item in args.weights or []:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"set-route: --weights takes name=number, got {item!r}") from None
+        if not sep or weights[name.strip()] <= 0:
+            raise SystemExit(f"set-route: --weights takes name=number (> 0), got {item!r}")
+    providers = [x.strip() for x in args.providers.split(",") if x.strip()]
+    return RouteSettings(strategy=args.strategy, providers=providers, weights=weights)
+
+
+def cmd_teams_route(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    route = _route_from_args(args)
+
+    async def go(db: Database) -> None:
+        routes = await accounts.set_route(db, args.team, args.operation, route, settings.providers)
+        if not routes:
+            print(f"team {args.team}  routes: the gateway's defaults")
+        for op, r in sorted((routes or {}).items()):
+            weights = "".join(f" {k}={v:g}" for k, v in r.get("weights", {}).items())
+            print(f"team {args.team}  {op}: {r['strategy']} {','.join(r['providers'])}{weights}")
+
+    configure_logging(settings.logging.format, "warning")
+    anyio.run(_with_db, settings, go)
+    return 0
 
 
 def cmd_credits_add(args: argparse.Namespace) -> int:
@@ -234,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-trainings", type=int)
     s.add_argument("--rate-limit", type=int, help="requests per minute per key (0 = unlimited)")
     s.set_defaults(fn=cmd_teams_limits)
+    s = teams.add_parser("set-route", help="give a team its own route for training or inference (or --clear it)")
+    common(s)
+    s.add_argument("team")
+    s.add_argument("--operation", choices=["training", "inference"], required=True)
+    s.add_argument("--strategy", choices=["priority", "cheapest", "weighted"], default="priority")
+    s.add_argument("--providers", help="provider instances, comma-separated, in priority order")
+    s.add_argument("--weights", nargs="*", metavar="NAME=W", help="weighted only: a relative weight per instance")
+    s.add_argument("--clear", action="store_true", help="drop the team's route: the gateway's default applies")
+    s.set_defaults(fn=cmd_teams_route)
 
     credits = sub.add_parser("credits", help="manage credits").add_subparsers(dest="action", required=True)
     s = credits.add_parser("add", help="add (or, with a negative amount, remove) credits")

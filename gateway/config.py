@@ -45,6 +45,8 @@ class ServerSettings(_Base):
     auth_cache_s: NonNegative = 5.0
     #: bearer token for the /admin endpoints (unset: they are disabled)
     admin_token: str | None = None
+    #: bearer token for ``GET /metrics`` (the admin token works too; neither set: it is disabled)
+    metrics_token: str | None = None
 
 
 class DatabaseSettings(_Base):

@@ -24,6 +24,7 @@ from gateway.errors import split_validation_error
 from gateway.imagework import ImageWorkers
 from gateway.engine.routing import Router
 from gateway.health import ProviderHealth
+from gateway.metrics import Metrics
 from gateway.netsafety import UrlPolicy, webhook_client
 from gateway.ratelimit import RateLimiter
 from gateway.signing import UrlSigner
@@ -50,6 +51,7 @@ class Gateway:
     providers: dict[str, Provider]
     router: Router
     health: ProviderHealth
+    metrics: Metrics
     signer: UrlSigner
     rate_limiter: RateLimiter
     url_policy: UrlPolicy
@@ -219,6 +221,7 @@ async def open_gateway(
             router=Router(providers, settings.routing, health, public=bool(settings.server.public_base_url),
                           team_routes=TeamRoutes(db, providers)),
             health=health,
+            metrics=Metrics(),
             signer=UrlSigner(secret, base_url),
             rate_limiter=RateLimiter(),
             url_policy=url_policy,

@@ -6,10 +6,13 @@ import itertools
 import logging
 import re
 import sys
+import time
 import uuid
 
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.metrics import route_of
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _SECRET_KEYS = re.compile(r"(api[_-]?key|authorization|secret|password|token)", re.I)
@@ -68,13 +71,21 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
                 break
         rid = incoming if incoming and _REQUEST_ID.match(incoming) else next_request_id()
         raw_rid = rid.encode()
+        started, status = time.perf_counter(), [500]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                status[0] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", raw_rid)]
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=rid):
-            await app(scope, receive, send_with_id)
+        try:
+            with structlog.contextvars.bound_contextvars(request_id=rid):
+                await app(scope, receive, send_with_id)
+        finally:
+            gw = getattr(getattr(scope.get("app"), "state", None), "gw", None)
+            if gw is not None:  # the request's latency, by its route template
+                gw.metrics.http_observed(scope.get("method", "GET"), route_of(scope), status[0],
+                                         time.perf_counter() - started)
 
     return middleware

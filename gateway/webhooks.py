@@ -147,6 +147,8 @@ class Deliverer:
         self._backlog = False  # the last claim filled every free slot: more may be due
         #: the loop's current trouble (for /readyz): None while it works
         self.fault: str | None = None
+        #: called with each try's outcome (delivered, pending (will retry), failed, replayed)
+        self.on_outcome: Callable[[str], None] = lambda outcome: None
 
     @property
     def inflight(self) -> frozenset[str]:
@@ -251,6 +253,7 @@ class Deliverer:
             )
             if recorded.outcome in ("delivered", "failed") and d.terminal and d.owner_kind == "job":
                 await work.update_job(conn, d.owner_id, webhook_status=recorded.outcome)
+        self.on_outcome(recorded.outcome or "lease_lost")
         log.info(
             "webhook_delivered" if ok else "webhook_attempt_failed", delivery_id=d.id, webhook_event=d.event,
             attempt=recorded.attempt, status_code=status_code, error=error, outcome=recorded.outcome or "lease_lost",

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Generic, Literal, TypeVar
@@ -46,6 +47,7 @@ log = structlog.get_logger()
 T = TypeVar("T")
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 _WEBHOOK_TOLERANCE_S = 300
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MIN_SIDE, _MAX_SIDE = 256, 1536
 _FORMATS = {"png": "png", "jpg": "jpeg", "webp": "webp"}
 #: vendor status -> (gateway state, retryable when failed); ``failed`` is judged by its error text
@@ -86,6 +88,9 @@ class WaveSpeedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     cost_per_training: NonNegative = 1.0
     cost_per_image: NonNegative = 0.015
     max_steps: Annotated[int, msgspec.Meta(ge=500, le=4000)] = 4000
+    #: how long an upload of stored LoRA weights (for generation without a public URL) is reused;
+    #: WaveSpeed documents 7 days for uploaded files, possibly stale, so a day by default
+    weights_upload_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 86_400
 
     def __repr__(self) -> str:  # never print the key or the secret
         return f"WaveSpeedConfig(base_url={self.base_url!r}, dataset_delivery={self.dataset_delivery!r}, api_key='***')"
@@ -162,6 +167,7 @@ class WaveSpeedAdapter(Provider):
         self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
         self._callbacks = bool(config.webhook_secret and setup.public_base_url)
         self._ticket_upload = True  # switched off once the ticket endpoint answers 404/405
+        self._weights_uploads: dict[str, tuple[str, float]] = {}  # weights sha256 -> (URL, expires)
         timeout = httpx.Timeout(config.timeout_s)
         self._api = setup.http_client(
             base_url=config.base_url.rstrip("/"), timeout=timeout,
@@ -177,7 +183,7 @@ class WaveSpeedAdapter(Provider):
             inference=InferenceCapabilities(accepts_lora_file=True, max_outputs=4, aspect_ratios=ASPECT_RATIOS,
                                             output_formats=frozenset(_FORMATS)),
             cost=Cost(per_training=config.cost_per_training, per_image=config.cost_per_image),
-            webhooks_in=self._callbacks, can_lookup=False, can_cancel=True,
+            webhooks_in=self._callbacks, callbacks_name_attempts=self._callbacks, can_lookup=False, can_cancel=True,
         )
 
     # ------------------------------------------------------------------ pure conversions
@@ -305,10 +311,12 @@ class WaveSpeedAdapter(Provider):
         path = self._path(ref, "result")
         return self._decode(await self._retrying(lambda: self._api.get(path), what), _Prediction, what)
 
-    def _webhook_params(self) -> dict[str, str]:
+    def _webhook_params(self, attempt_id: str) -> dict[str, str]:
+        """``?webhook=`` with the attempt id in it: a callback for a submission whose answer was
+        lost then tells the gateway which attempt it is (the body is signed; the id only selects)."""
         if not self._callbacks:
             return {}
-        return {"webhook": f"{str(self.setup.public_base_url).rstrip('/')}/hooks/{self.name}"}
+        return {"webhook": f"{str(self.setup.public_base_url).rstrip('/')}/hooks/{self.name}?attempt={attempt_id}"}
 
     # ------------------------------------------------------------------ datasets
 
@@ -320,11 +328,11 @@ class WaveSpeedAdapter(Provider):
             return dataset.zip_url
         return await self.upload(Path(dataset.zip_path))
 
-    async def upload(self, path: Path) -> str:
+    async def upload(self, path: Path, *, content_type: str = "application/zip") -> str:
         """Upload a file through the media API (ticket + PUT, else the binary endpoint); its URL."""
         size = (await anyio.Path(path).stat()).st_size
         if self._ticket_upload:
-            meta = {"filename": path.name, "size": size, "content_type": "application/zip"}
+            meta = {"filename": path.name, "size": size, "content_type": content_type}
             resp = await self._post("/api/v3/media/uploads", meta, "upload ticket")
             if resp.status_code not in (404, 405):
                 ticket = self._decode(resp, _Upload, "upload ticket")
@@ -336,7 +344,7 @@ class WaveSpeedAdapter(Provider):
             self._ticket_upload = False
         boundary = secrets.token_hex(16)
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-                "Content-Type: application/zip\r\n\r\n").encode()
+                f"Content-Type: {content_type}\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
 
         async def body() -> AsyncIterator[bytes]:
@@ -367,7 +375,7 @@ class WaveSpeedAdapter(Provider):
         zip_url = await self._zip_url(dataset)
         body = self.training_to_wire(spec, zip_url, self.config)
         resp = await self._post(f"/api/v3/{self.config.trainer_model}", body, "submit training", final=True,
-                                params=self._webhook_params())
+                                params=self._webhook_params(spec.attempt_id))
         return TrainingSubmission(ref=self._decode(resp, _Prediction, "submit training", final=True).id)
 
     async def training_status(self, ref: str) -> TrainingStatus:
@@ -386,18 +394,33 @@ class WaveSpeedAdapter(Provider):
     # ------------------------------------------------------------------ inference
 
     async def _lora_path(self, lora: LoraHandle) -> str:
+        """Where WaveSpeed fetches the LoRA's weights: the gateway's signed URL when
+        ``server.public_base_url`` is set; otherwise the stored weights uploaded through the media
+        API, once per LoRA while the upload lasts (``weights_upload_ttl_s``). Never the vendor's own
+        training output URL, which expires after about a week."""
         if lora.artifact_url:
             return lora.artifact_url
-        if lora.trained_by == self.name and lora.trained_ref:
-            status = await self.training_status(lora.trained_ref)
-            if status.state == "succeeded" and status.artifact_url:
-                return status.artifact_url
-        raise ProviderRejected("wavespeed: no public URL for the LoRA weights (set server.public_base_url)", retryable=True)
+        if lora.artifact_key is None and lora.artifact_path is None:
+            raise ProviderRejected("wavespeed: the LoRA has no stored weights to generate with", retryable=True)
+        cache_key = lora.artifact_sha256 or lora.lora_id
+        hit = self._weights_uploads.get(cache_key)
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
+        if lora.artifact_path is not None:
+            url = await self.upload(Path(lora.artifact_path), content_type="application/octet-stream")
+        else:  # storage elsewhere: fetch a local copy first
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{lora.lora_id}.safetensors"
+                await self.setup.storage.fetch_to(lora.artifact_key, path)
+                url = await self.upload(path, content_type="application/octet-stream")
+        self._weights_uploads[cache_key] = (url, self.clock() + self.config.weights_upload_ttl_s)
+        log.info("wavespeed_weights_uploaded", provider=self.name, lora_id=lora.lora_id)
+        return url
 
     async def generate(self, spec: GenerationSpec, lora: LoraHandle) -> GenerationStatus:
         body = self.generation_to_wire(spec, await self._lora_path(lora))
         resp = await self._post(f"/api/v3/{self.config.inference_model}", body, "submit generation", final=True,
-                                params=self._webhook_params())
+                                params=self._webhook_params(spec.attempt_id))
         return self.generation_from_wire(self._decode(resp, _Prediction, "submit generation", final=True))
 
     async def generation_status(self, ref: str) -> GenerationStatus:
@@ -442,7 +465,8 @@ class WaveSpeedAdapter(Provider):
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise ProviderAuthError("wavespeed: callback body is not a prediction") from None
         kind = "generation" if payload.model == self.config.inference_model else "training"
-        return CallbackEvent(ref=payload.id, kind=kind)
+        attempt = (params or {}).get("attempt")  # the id the adapter put in the ?webhook= URL
+        return CallbackEvent(ref=payload.id, kind=kind, attempt_id=attempt if attempt and _UUID.fullmatch(attempt) else None)
 
     async def aclose(self) -> None:
         await self._api.aclose()

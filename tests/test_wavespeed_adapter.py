@@ -27,6 +27,7 @@ from providers.base import (
     Dataset, GenerationSpec, LoraHandle, ProviderAuthError, ProviderError, ProviderRateLimited,
     ProviderOutcomeUnknown, ProviderRejected, ProviderSetup, ProviderTimeout, ProviderUnavailable, TrainingSpec,
 )
+from providers.sandbox import build_lora_safetensors
 from providers.wavespeed import WaveSpeedAdapter, WaveSpeedConfig, _Prediction
 from tests.fakes.wavespeed import FakeWaveSpeed, check_zip, sign
 from tests.images import make_image
@@ -516,16 +517,28 @@ async def test_generation_with_a_bad_lora_fails(make: Callable[..., WaveSpeedAda
 
 
 async def test_lora_path_choice(make: Callable[..., WaveSpeedAdapter], fake: FakeWaveSpeed, tmp_path: Path) -> None:
+    """The gateway's signed URL when there is one; else the stored weights, uploaded through the
+    media API once per LoRA while the upload lasts; never the vendor's own (expiring) output URL."""
     adapter = make()
     ref = await trained(adapter, fake, tmp_path)
-    await adapter.generate(gspec(), handle(trained_by="wavespeed", trained_ref=ref))
-    assert fake.of_kind("generate")[-1].json["loras"][0]["path"] == f"{BASE}/cdn/output/{ref}.safetensors"
     await adapter.generate(gspec(), handle(trained_by="wavespeed", trained_ref=ref, artifact_url="https://gw/files/x"))
     assert fake.of_kind("generate")[-1].json["loras"][0]["path"] == "https://gw/files/x"
-    for lora in (handle(trained_by="sandbox", trained_ref="sbx-t-1"), handle()):
-        with pytest.raises(ProviderRejected, match="no public URL for the LoRA weights"):
+    weights = tmp_path / "stored.safetensors"
+    weights.write_bytes(build_lora_safetensors(seed=1, ref="r", rank=4, meta={}))
+    stored = handle(trained_by="wavespeed", trained_ref=ref, artifact_path=weights, artifact_sha256="abc")
+    tickets = len(fake.of_kind("ticket"))
+    for _ in range(2):
+        await adapter.generate(gspec(), stored)
+    path = fake.of_kind("generate")[-1].json["loras"][0]["path"]
+    assert path.startswith(f"{BASE}/media/") and f"/cdn/output/{ref}" not in path
+    assert len(fake.of_kind("ticket")) == tickets + 1  # uploaded once, reused
+    assert fake.of_kind("ticket")[-1].json["content_type"] == "application/octet-stream"
+    adapter.clock = lambda: time.time() + 2 * 86_400  # past weights_upload_ttl_s: uploaded again
+    await adapter.generate(gspec(), stored)
+    assert len(fake.of_kind("ticket")) == tickets + 2
+    for lora in (handle(trained_by="wavespeed", trained_ref=ref), handle()):  # nothing stored to send
+        with pytest.raises(ProviderRejected, match="no stored weights"):
             await adapter.generate(gspec(), lora)
-    assert len(fake.of_kind("generate")) == 2
 
 
 async def test_fetch_refuses_other_schemes(make: Callable[..., WaveSpeedAdapter], tmp_path: Path) -> None:
@@ -606,16 +619,19 @@ async def test_fake_delivers_a_verifiable_webhook(make: Callable[..., WaveSpeedA
 
     fake.fetch_transport = httpx.MockTransport(gateway)
     sub = await adapter.start_training(tspec(), make_zip(tmp_path / "ds"))
-    assert fake.of_kind("train")[0].query == {"webhook": f"{PUBLIC}/hooks/wavespeed"}
+    assert fake.of_kind("train")[0].query == {"webhook": f"{PUBLIC}/hooks/wavespeed?attempt=att-1"}
     fake.advance(10)
     for _ in range(100):
         if received:
             break
         await asyncio.sleep(0.02)
-    assert len(received) == 1 and str(received[0].url) == f"{PUBLIC}/hooks/wavespeed"
+    assert len(received) == 1 and str(received[0].url) == f"{PUBLIC}/hooks/wavespeed?attempt=att-1"
     headers = {k.lower(): v for k, v in received[0].headers.items()}
     event = await adapter.verify_callback(headers, received[0].content)
-    assert (event.ref, event.kind) == (sub.ref, "training")
+    assert (event.ref, event.kind, event.attempt_id) == (sub.ref, "training", None)  # "att-1" is no attempt id
+    attempt = "6f1d0c2e-5b7a-4c3d-9e8f-1a2b3c4d5e6f"
+    event = await adapter.verify_callback(headers, received[0].content, {"attempt": attempt})
+    assert event.attempt_id == attempt
     assert json.loads(received[0].content)["outputs"] == [f"{BASE}/cdn/output/{sub.ref}.safetensors"]
     no_cb = make(public_base_url=PUBLIC)  # no secret: no callbacks asked for
     await no_cb.start_training(tspec(), make_zip(tmp_path / "ds2"))

@@ -29,7 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, ClassVar
+from typing import Any, Awaitable, Callable, ClassVar, Collection
 
 import anyio
 import msgspec
@@ -131,15 +131,16 @@ def new_attempt(kind: str, owner_id: str, seq: int, provider: Provider, cost: fl
     )
 
 
-def choose(candidates: list[Provider], attempts: list[Attempt]) -> Provider | None:
+def choose(candidates: list[Provider], attempts: list[Attempt], unhealthy: Collection[str] = ()) -> Provider | None:
     """The next provider for a row, from ``candidates`` (eligible, in routing order): one not
     tried yet if any; else one tried once whose failure was retryable. Never a provider that
-    may hold the work already (``unknown``) or that failed in a way the adapter called final."""
+    may hold the work already (``unknown``) or that failed in a way the adapter called final.
+    An ``unhealthy`` one (its breaker open) only when no other is left."""
     counts = Counter(a.provider for a in attempts)
     barred = {a.provider for a in attempts if a.state == "unknown" or (a.state == "failed" and not a.retryable)}
     pool = [p for p in candidates if p.name not in barred and counts[p.name] < 2]
-    fresh = [p for p in pool if counts[p.name] == 0]
-    return (fresh or pool or [None])[0]
+    pool.sort(key=lambda p: (p.name in unhealthy, counts[p.name] > 0))  # stable: routing order within
+    return pool[0] if pool else None
 
 
 def summary(attempts: list[Attempt], limit: int = 500) -> str | None:
@@ -259,10 +260,15 @@ class Runner:
         """Feed the shared breaker with what a real call showed: provider-side trouble is a
         failure; any answer (even "that job failed") is a success; a rejection is neither."""
         ms = (time.monotonic() - started) * 1000 if started is not None else None
+        if ms is not None and (error is None or isinstance(error, PROVIDER_SIDE)):
+            self.gw.metrics.call_observed(provider.name, self.operation, error is None, ms / 1000)
         if error is None:
             await self.gw.health.record(provider.name, self.operation, ok=True, duration_ms=ms)
         elif isinstance(error, PROVIDER_SIDE):
             await self.gw.health.record(provider.name, self.operation, ok=False, duration_ms=ms)
+
+    async def _open_breakers(self) -> set[str]:
+        return {name for name, state in (await self.gw.health.states(self.operation)).items() if state == "open"}
 
     async def read(self, row_id: str) -> Any:
         async with self.gw.db.read() as conn:
@@ -325,17 +331,18 @@ class Runner:
         except StepError as e:
             await self.fail(row, e.message)
             return False
-        provider, attempt_id = choose(candidates, attempts), new_id()
+        unhealthy = await self._open_breakers()
+        provider, attempt_id = choose(candidates, attempts, unhealthy), new_id()
         while provider is not None and await self.gw.health.state(provider.name, self.operation) in ("half-open", "probing"):
             # its breaker lets one probe through at a time: this attempt, or another instance
             if await self.gw.health.claim_probe(provider.name, self.operation, attempt_id):
                 log.info("breaker_probe", provider=provider.name)
                 break
             candidates = [c for c in candidates if c is not provider]
-            if choose(candidates, attempts) is None:  # nothing else can serve it: wait for the probe
+            if choose(candidates, attempts, unhealthy) is None:  # nothing else can serve it: wait for the probe
                 await self.release(row, self.timing(provider.name).min_poll_s)
                 return False
-            provider = choose(candidates, attempts)
+            provider = choose(candidates, attempts, unhealthy)
         if provider is None:
             await self.fail(row, summary(attempts) or self.op.no_provider)
             return False
@@ -554,7 +561,7 @@ class Runner:
         else:
             why = f"{provider.name}: no progress for {t.stuck_after_s:g} s"
         log.warning("attempt_stuck", provider=provider.name, reason=why)
-        return await self._attempt_failed(row, attempt, why, True, cancel=True)
+        return await self._attempt_failed(row, attempt, why, True, cancel=True, outcome="stuck")
 
     # ------------------------------------------------------------------ finish
 
@@ -584,6 +591,7 @@ class Runner:
                     )
                 return False
             return await self._attempt_failed(row, attempt, f"{self.op.results} could not be copied: {e.message}", True)
+        self.gw.metrics.attempts.labels(provider.name, self.operation, "succeeded").inc()
         self.gw.wake_deliveries()
         await self.op.after_terminal(self.gw, row.id)
         return False
@@ -592,7 +600,7 @@ class Runner:
 
     async def _attempt_failed(
         self, row: Any, attempt: Attempt, error: str, retryable: bool, *,
-        delay: float | None = None, unknown: bool = False, cancel: bool = False,
+        delay: float | None = None, unknown: bool = False, cancel: bool = False, outcome: str = "failed",
     ) -> bool:
         """Close an attempt; fall back within the budget when the failure allows it, else fail
         the row. ``unknown``: the provider may hold the work but cannot be asked (it is never
@@ -604,7 +612,7 @@ class Runner:
         nxt: Provider | None = None
         if retryable and len(attempts) < self.engine.max_attempts:
             try:
-                nxt = choose(await self.op.candidates(self.gw, row), attempts)
+                nxt = choose(await self.op.candidates(self.gw, row), attempts, await self._open_breakers())
             except StepError:
                 nxt = None
         wait = delay or 0.0
@@ -623,7 +631,9 @@ class Runner:
                 await self._fail_in(conn, row, summary(attempts) or error)
         if cancel:
             self.gw.wake()
+        self.gw.metrics.attempts.labels(attempt.provider, self.operation, "unknown" if unknown else outcome).inc()
         if nxt is not None:
+            self.gw.metrics.fallbacks.labels(attempt.provider, self.operation).inc()
             log.info("attempt_fallback", provider=attempt.provider, next_provider=nxt.name, error=error, wait_s=wait)
             return False
         log.info(f"{self.op.kind}_failed", error=summary(attempts) or error)

@@ -87,6 +87,7 @@ class Engine:
         self.deliverer = Deliverer(gw.db, gw.settings.webhooks, gw.webhook_client, self.owner,
                                    lease_s=max(e.lease_s, gw.settings.webhooks.timeout_s * 2),
                                    poll_interval_s=e.poll_interval_s)
+        self.deliverer.on_outcome = lambda outcome: gw.metrics.webhooks.labels(outcome).inc()
         gw.wake = self.wake
         gw.wake_deliveries = self.deliverer.notify
 
@@ -293,6 +294,7 @@ class Engine:
                     purged_at = time.monotonic()
                     if purged:
                         log.info("idempotency_keys_purged", count=purged)
+            await self.gw.health.flush()
             self._healthy("housekeeping")
             await anyio.sleep(heartbeat_interval(e.lease_s))
 

@@ -8,7 +8,8 @@ import msgspec
 import structlog
 
 from gateway.authcache import AuthCache
-from gateway.errors import Forbidden, NotFound, RateLimited, Unauthorized
+from gateway.config import ConfigError, RouteSettings, check_route
+from gateway.errors import Forbidden, NotFound, RateLimited, Unauthorized, ValidationFailed
 from gateway.keys import display_prefix, generate_key, key_digest
 from gateway.store import teams as teams_store
 from gateway.store.db import Database
@@ -138,6 +139,28 @@ async def set_limits(db: Database, team_id: str, *, max_concurrent_trainings: in
         team = await teams_store.get_team(conn, team_id)
     assert team is not None
     return team
+
+
+async def set_route(db: Database, team_id: str, operation: str, route: RouteSettings | None,
+                    providers: dict[str, Any]) -> dict[str, Any] | None:
+    """Set (or with None, clear) a team's own route for ``operation`` (training or inference);
+    returns the team's routes. The route must name configured instances."""
+    if route is not None:
+        try:
+            check_route(route, providers, f"the `{operation}")
+        except ConfigError as e:
+            raise ValidationFailed(str(e)) from None
+    async with db.tx() as conn:
+        team = await teams_store.get_team(conn, team_id)
+        if team is None:
+            raise NotFound(f"no team {team_id}")
+        routes = dict(await teams_store.team_routing(conn, team_id) or {})
+        if route is None:
+            routes.pop(operation, None)
+        else:
+            routes[operation] = msgspec.to_builtins(route)
+        await teams_store.set_team_routing(conn, team_id, routes or None)
+    return routes or None
 
 
 async def list_teams(db: Database) -> list[Team]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import calendar
 import time
 from typing import Any
 
@@ -89,8 +90,8 @@ async def attempts(gw: Gateway, principal: Principal, kind: str, owner_id: str) 
 def _period_start(period: str, t: float) -> float:
     g = time.gmtime(t)
     if period == "month":
-        return time.mktime((g.tm_year, g.tm_mon, 1, 0, 0, 0, 0, 0, 0)) - time.timezone
-    return time.mktime((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0, 0, 0, 0)) - time.timezone
+        return float(calendar.timegm((g.tm_year, g.tm_mon, 1, 0, 0, 0)))
+    return float(calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0)))
 
 
 async def usage(gw: Gateway, principal: Principal, *, period: str, since: float | None) -> dict[str, Any]:

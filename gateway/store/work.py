@@ -326,6 +326,15 @@ async def hint_attempt(conn: aiosqlite.Connection, provider: str, attempt_id: st
     return attempt.owner_id if cur.rowcount == 1 else None
 
 
+async def count_by_status(conn: aiosqlite.Connection) -> dict[tuple[str, str], int]:
+    """``(kind, status) -> rows``, for both kinds."""
+    out: dict[tuple[str, str], int] = {}
+    for kind, table in _TABLES.items():
+        for status, n in await conn.execute_fetchall(f"SELECT status, COUNT(*) FROM {table} GROUP BY status"):
+            out[(kind, status)] = int(n)
+    return out
+
+
 async def attempts_in_flight(conn: aiosqlite.Connection, states: Iterable[str]) -> dict[tuple[str, str], int]:
     """``(provider, owner kind) -> count`` of attempts in ``states``."""
     states = list(states)
@@ -403,8 +412,9 @@ async def bind_callback(conn: aiosqlite.Connection, provider: str, attempt_id: s
              progressed_at = ?, polls = 0
            WHERE id = ? AND provider = ? AND provider_ref IS NULL AND state IN ('submitting', 'ambiguous')
              AND seq = (SELECT MAX(seq) FROM attempts b WHERE b.owner_kind = attempts.owner_kind
-                                                         AND b.owner_id = attempts.owner_id)""",
-        (ref, now(), now(), attempt_id, provider),
+                                                         AND b.owner_id = attempts.owner_id)
+             AND NOT EXISTS (SELECT 1 FROM attempts c WHERE c.provider = ? AND c.provider_ref = ?)""",
+        (ref, now(), now(), attempt_id, provider, provider, ref),
     )
     return cur.rowcount == 1
 
