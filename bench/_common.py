@@ -19,6 +19,7 @@ benchmark, which then stops its children in order) and every temp dir is removed
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import math
 import os
@@ -492,3 +493,58 @@ def wait_lora(gw: Gateway, lora_id: str, statuses: Sequence[str], timeout: float
                 raise ServerError(f"lora {lora_id} is {body['status']} (waited for {'/'.join(statuses)}): "
                                   f"{body.get('error')}\n{gw.tail()}")
             time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- a fake vendor in a child process
+
+#: the fakes' own counters (not counted themselves)
+STATS_PATH = "/_bench/stats"
+
+
+class CountingApp:
+    """ASGI wrapper around a ``FakeWaveSpeed``: counts requests by the fake's own kinds
+    (``generate``, ``result``, ``ticket``, ``put``, ``cdn``, ..., ``other``) and non-200 answers;
+    ``GET /_bench/stats`` answers the counts as JSON and is not counted."""
+
+    def __init__(self, fake: Any) -> None:
+        self.fake = fake
+        self.counts: dict[str, int] = {"result": 0, "other": 0, "non_200": 0}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.fake.app(scope, receive, send)
+        if scope["path"] == STATS_PATH:
+            body = json.dumps(self.counts).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        kind = self.fake._kind(scope["method"], scope["path"])
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                self.counts["non_200"] += 1
+            await send(message)
+
+        await self.fake.app(scope, receive, counting_send)
+
+
+class FakeVendor(Server):
+    """A fake vendor's child process. It prints ``FAKE_WAVESPEED <base url> <ready_word>`` once
+    it serves; the base URL is read from that line."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, ready_word: str = "ready") -> None:
+        super().__init__(name, argv, 0, health_path=STATS_PATH)
+        self.line = re.compile(r"FAKE_WAVESPEED (http://127\.0\.0\.1:\d+) " + re.escape(ready_word))
+
+    def wait_ready(self, timeout: float) -> None:
+        m = self.wait_for_line(self.line, timeout)
+        if m is None:
+            raise ServerError(f"the fake WaveSpeed did not start within {timeout:.0f}s:\n{self.tail()}")
+        self.base_url = m.group(1)
+        self.port = int(self.base_url.rsplit(":", 1)[1])
+        super().wait_ready(10)
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(self.base_url + STATS_PATH, timeout=10, trust_env=False).json()

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import re
 import shutil
 import socket
 import sqlite3
@@ -66,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    Server, ServerError, add_set_argument, copy_data_dir, create_small_lora, database_path, handle_sigterm,
+    CountingApp, FakeVendor, Server, ServerError, add_set_argument, copy_data_dir, create_small_lora, database_path, handle_sigterm,
     median, merge, parse_sets, run_main, start_gateway, table, temp_dir, verdict, wait_lora,
 )
 from gateway.config import BreakerSettings  # noqa: E402
@@ -74,7 +73,6 @@ from gateway.config import BreakerSettings  # noqa: E402
 GOAL = 1.25  # failover / healthy, median of requests 10..N
 FROM_REQUEST = 10
 FAKE_API_KEY = "ws-bench-key"
-STATS_PATH = "/_bench/stats"
 FAKE_QUEUE_S = 0.02
 FAKE_GENERATION_S = 0.05
 PROMPT = "a portrait in a sunlit garden, soft light, 85mm"
@@ -93,35 +91,6 @@ ROUTES = {"failover": [("ws-down", "down"), ("ws-up", "up")],
 # --------------------------------------------------------------------------- the fake vendor (child process)
 
 
-class CountingApp:
-    """ASGI wrapper around the fake: counts requests by the fake's own kinds (generate, ticket,
-    put, media, result, cdn, ...) and non-200 answers; ``GET /_bench/stats`` answers the counts
-    as JSON and is not counted."""
-
-    def __init__(self, fake: Any) -> None:
-        self.fake = fake
-        self.counts: dict[str, int] = {"non_200": 0}
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.fake.app(scope, receive, send)
-        if scope["path"] == STATS_PATH:
-            body = json.dumps(self.counts).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        kind = self.fake._kind(scope["method"], scope["path"])
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-
-        async def counting_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and message["status"] != 200:
-                self.counts["non_200"] += 1
-            await send(message)
-
-        await self.fake.app(scope, receive, counting_send)
-
-
 def serve_fake() -> None:
     """The child process: a FakeWaveSpeed with short generations, served until SIGTERM."""
     from tests.fakes.wavespeed import FakeWaveSpeed, serve_on_loopback
@@ -136,24 +105,6 @@ def serve_fake() -> None:
                 time.sleep(3600)
     except KeyboardInterrupt:
         pass
-
-
-class FakeVendor(Server):
-    """The fake vendor's child process; its base URL is read from the line it prints."""
-
-    LINE = re.compile(r"FAKE_WAVESPEED (http://127\.0\.0\.1:\d+) ready")
-
-    def wait_ready(self, timeout: float) -> None:
-        m = self.wait_for_line(self.LINE, timeout)
-        if m is None:
-            raise ServerError(f"the fake WaveSpeed did not start within {timeout:.0f}s:\n{self.tail()}")
-        self.base_url = m.group(1)
-        self.port = int(self.base_url.rsplit(":", 1)[1])
-        self.health_path = STATS_PATH
-        super().wait_ready(10)
-
-    def stats(self) -> dict[str, int]:
-        return httpx.get(self.base_url + STATS_PATH, timeout=10, trust_env=False).json()
 
 
 # --------------------------------------------------------------------------- the dead instance
@@ -407,7 +358,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], fail
     ok_time = r_tail <= GOAL
     print()
     print("ratio failover/healthy")
-    rows = [[f"request 1", f"{at(1):.2f}", "", "(the fallback itself: ws-down refused, then ws-up)"],
+    rows = [["request 1", f"{at(1):.2f}", "", "(the fallback itself: ws-down refused, then ws-up)"],
             [f"request {FROM_REQUEST}", f"{at(FROM_REQUEST):.2f}", f"<= {GOAL}", "" if n < FROM_REQUEST else
              ("within" if at(FROM_REQUEST) <= GOAL else "outside")],
             [f"request {n}", f"{at(n):.2f}", f"<= {GOAL}", "within" if at(n) <= GOAL else "outside"],
@@ -494,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
         body = json.dumps({"prompt": PROMPT, "model": "flux-lora", "fluxLoraParams": {
             "loraId": lora["id"], "num_outputs": 1, "aspect_ratio": "1:1", "output_format": "jpg"}}).encode()
 
-        fake = FakeVendor("fake-wavespeed", [sys.executable, str(Path(__file__).resolve()), "--_serve-fake"], 0)
+        fake = FakeVendor("fake-wavespeed", [sys.executable, str(Path(__file__).resolve()), "--_serve-fake"])
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in RUNS}
         with fake:
             fake.start(timeout=60)

@@ -101,7 +101,7 @@ def load(server: Server, url: str, key: str, args: argparse.Namespace, duration:
 def profile(gw: Server, url: str, key: str, args: argparse.Namespace) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
-        print(f"--profile: py-spy not found (pip install py-spy); skipped", file=sys.stderr)
+        print("--profile: py-spy not found (pip install py-spy); skipped", file=sys.stderr)
         return
     out = Path(args.profile).resolve()
     fmt = {".svg": "flamegraph", ".txt": "raw", ".json": "speedscope"}.get(out.suffix, "flamegraph")

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import re
 import sys
 import time
 from collections import deque
@@ -43,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anyio  # noqa: E402
 import httpx  # noqa: E402
 
-from bench._common import Server, ServerError, handle_sigterm, run_main, temp_dir, verdict  # noqa: E402
+from bench._common import (  # noqa: E402
+    STATS_PATH, CountingApp, FakeVendor, handle_sigterm, run_main, temp_dir, verdict,
+)
 from gateway.config import EngineSettings, settings_from_mapping  # noqa: E402
 from gateway.context import open_gateway  # noqa: E402
 from gateway.engine.worker import Engine  # noqa: E402
@@ -57,7 +57,6 @@ from providers import sandbox  # noqa: E402
 CPU_GOAL = 25.0  # % of one core
 RATE_GOAL = 1.0  # status requests per training per interval
 FAKE_API_KEY = "ws-bench-key"
-STATS_PATH = "/_bench/stats"
 
 
 # --------------------------------------------------------------------------- sandbox mode
@@ -87,35 +86,6 @@ def fake_ref(i: int) -> str:
     return f"bench{i:06d}"
 
 
-class CountingApp:
-    """ASGI wrapper around the fake: counts status requests (and anything else, and non-200
-    answers); ``GET /_bench/stats`` answers the counts as JSON and is not counted."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.counts = {"status": 0, "other": 0, "non_200": 0}
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        if path == STATS_PATH:
-            body = json.dumps(self.counts).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        is_status = scope["method"] == "GET" and re.fullmatch(r"/api/v3/predictions/[^/]+/result", path) is not None
-        self.counts["status" if is_status else "other"] += 1
-
-        async def counting_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and message["status"] != 200:
-                self.counts["non_200"] += 1
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
 def serve_fake(trainings: int) -> None:
     """The child process of ``--provider wavespeed``: FakeWaveSpeed with ``trainings``
     predictions that stay "processing", served until SIGTERM."""
@@ -124,7 +94,7 @@ def serve_fake(trainings: int) -> None:
     handle_sigterm()
     fake = FakeWaveSpeed(api_key=FAKE_API_KEY, queue_s=0.0)
     fake.requests = deque(maxlen=100)  # type: ignore[assignment]  # keep the recent ones only
-    app = CountingApp(fake.app)
+    app = CountingApp(fake)
     try:
         with serve_on_loopback(app) as base_url:
             created = fake.now()
@@ -140,24 +110,6 @@ def serve_fake(trainings: int) -> None:
                 time.sleep(3600)
     except KeyboardInterrupt:
         pass
-
-
-class FakeVendor(Server):
-    """The fake vendor's child process; its base URL is read from the line it prints."""
-
-    LINE = re.compile(r"FAKE_WAVESPEED (http://127\.0\.0\.1:\d+) seeded")
-
-    def wait_ready(self, timeout: float) -> None:
-        m = self.wait_for_line(self.LINE, timeout)
-        if m is None:
-            raise ServerError(f"the fake WaveSpeed did not start within {timeout:.0f}s:\n{self.tail()}")
-        self.base_url = m.group(1)
-        self.port = int(self.base_url.rsplit(":", 1)[1])
-        self.health_path = STATS_PATH
-        super().wait_ready(10)
-
-    async def stats(self, client: Any) -> dict[str, int]:
-        return (await client.get(self.base_url + STATS_PATH)).json()
 
 
 # --------------------------------------------------------------------------- seeding
@@ -239,8 +191,8 @@ async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | Non
 
             async def counts() -> dict[str, int]:
                 if fake is None:
-                    return {"status": CountingSandbox.status_calls}
-                return await fake.stats(client)
+                    return {"result": CountingSandbox.status_calls}
+                return (await client.get(fake.base_url + STATS_PATH)).json()
 
             engine = Engine(gw)
             async with anyio.create_task_group() as tg:
@@ -254,7 +206,7 @@ async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | Non
                 c1 = await counts()
                 fake_cpu = fake.cpu_seconds() - fake_cpu0 if fake else 0.0
                 tg.cancel_scope.cancel()
-    res: dict[str, Any] = {"calls": c1["status"] - c0["status"], "cpu": cpu1 - cpu0, "wall": wall1 - wall0,
+    res: dict[str, Any] = {"calls": c1["result"] - c0["result"], "cpu": cpu1 - cpu0, "wall": wall1 - wall0,
                            "fake_cpu": fake_cpu}
     if fake is not None:
         res["other"] = c1["other"] - c0["other"]
@@ -266,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     with temp_dir("bench-poller-") as tmp:
         if args.provider == "wavespeed":
             fake = FakeVendor("fake-wavespeed", [sys.executable, str(Path(__file__).resolve()), "--_serve-fake",
-                                                 "--trainings", str(args.trainings)], 0)
+                                                 "--trainings", str(args.trainings)], ready_word="seeded")
             with fake:
                 fake.start(timeout=60)
                 print(f"provider: wavespeed (the real WaveSpeedAdapter over HTTP to FakeWaveSpeed at {fake.base_url}, "

@@ -52,7 +52,10 @@ class Metrics:
 
 
 def route_of(scope: dict[str, Any]) -> str:
-    """The route template that served a request (bounded), or ``unmatched``."""
+    """The route template that served a request (bounded: ``/v2/loras/{lora_id}``), or ``unmatched``."""
+    template = scope.get("path_template")
+    if template:
+        return str(template)
     handler = scope.get("route_handler")
     paths = getattr(handler, "paths", None)
     return min(paths) if paths else "unmatched"

@@ -191,7 +191,8 @@ async def test_deliverers_of_two_owners_share_the_work_and_renew_their_leases(ma
     cfg = {**config(timeout_s=1, max_attempts=1), "server": {"admin_token": "admin-secret", "run_workers": False}}
     async with serving(SlowReceiver()) as rx, make_api(**cfg) as api:
         settings = api.gw.settings.webhooks
-        pair = [Deliverer(api.gw.db, settings, api.gw.webhook_client, owner, lease_s=0.3, poll_interval_s=0.02)
+        # (0.6 s: renewed every 0.2 s, so a busy 2-core machine's loop stalls do not lose a lease)
+        pair = [Deliverer(api.gw.db, settings, api.gw.webhook_client, owner, lease_s=0.6, poll_interval_s=0.02)
                 for owner in ("process-a", "process-b")]
         async with anyio.create_task_group() as tg:
             for deliverer in pair:
@@ -212,7 +213,7 @@ async def test_deliverers_of_two_owners_share_the_work_and_renew_their_leases(ma
             for delivery_id in slow:
                 d = await wait_status(api, delivery_id, "failed", timeout=4)
                 assert [a["error"] for a in d["log"]] == ["timed out"]
-            await asyncio.sleep(0.5)  # three lease lengths: nothing is sent again
+            await asyncio.sleep(1.8)  # three lease lengths: nothing is sent again
             tg.cancel_scope.cancel()
         assert len(rx.requests) == 12
         assert all(n == 1 for n in rx.most_at_once.values())
