@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.netsafety import UrlPolicy, webhook_client
 from gateway.ratelimit import RateLimiter
 from gateway.signing import UrlSigner
+from gateway.store import meta as meta_store
 from gateway.store import teams as teams_store
 from gateway.store.db import Database
 from gateway.uploads import UploadLimits
@@ -97,13 +98,8 @@ def _decode_section(type_: type, raw: dict[str, Any], where: str) -> Any:
 async def _signing_secret(db: Database, configured: str | None) -> bytes:
     if configured:
         return configured.encode()
-    async with db.tx() as conn:
-        rows = list(await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'url_signing_secret'"))
-        if rows:
-            return bytes.fromhex(rows[0][0])
-        secret = secrets.token_bytes(32)
-        await conn.execute("INSERT INTO meta (key, value) VALUES ('url_signing_secret', ?)", (secret.hex(),))
-        return secret
+    async with db.tx() as conn:  # the first process to get here makes it; every other reads it
+        return bytes.fromhex(await meta_store.put_new(conn, "url_signing_secret", secrets.token_bytes(32).hex()))
 
 
 class TeamRoutes:

@@ -15,7 +15,7 @@ import random
 import time
 from typing import Any, Callable
 
-import aiosqlite
+from gateway.store.base import Connection
 import anyio
 import anyio.abc
 import httpx
@@ -23,10 +23,11 @@ import msgspec
 import structlog
 
 from gateway.config import WebhookSettings
-from gateway.store import durability
+from gateway.store import deliveries as deliveries_store
+from gateway.store import jobs as jobs_store
+from gateway.store import loras as loras_store
 from gateway.store import teams as teams_store
-from gateway.store import work
-from gateway.store.durability import Delivery
+from gateway.store.deliveries import Delivery
 from gateway.store.models import Job, Lora
 from gateway.timeutil import iso, new_id, now
 
@@ -72,12 +73,12 @@ def job_payload(job: Job, event: str, image_urls: list[str] | None = None) -> di
 
 
 async def enqueue(
-    conn: aiosqlite.Connection, *, team_id: str, key_id: str, kind: str, owner_id: str,
+    conn: Connection, *, team_id: str, key_id: str, kind: str, owner_id: str,
     url: str, event: str, payload: dict[str, Any], terminal: bool, dedup_suffix: str = "",
 ) -> None:
     """Queue one delivery in the caller's transaction (a no-op if the same one is queued)."""
     ts = now()
-    await durability.insert_delivery(conn, Delivery(
+    await deliveries_store.insert_delivery(conn, Delivery(
         id=new_id(), team_id=team_id, key_id=key_id, owner_kind=kind, owner_id=owner_id, event=event,
         dedup=f"{kind}:{owner_id}:{event}{dedup_suffix}", url=url, payload=msgspec.json.encode(payload),
         terminal=terminal, status="pending", attempts=0, next_try_at=ts, lease_owner=None, lease_expires=None,
@@ -85,9 +86,9 @@ async def enqueue(
     ))
 
 
-async def on_lora_terminal(conn: aiosqlite.Connection, lora_id: str) -> None:
+async def on_lora_terminal(conn: Connection, lora_id: str) -> None:
     """Queue the LoRA's ``completed``/``failed`` webhook if it asked for that event."""
-    lora = await work.get_lora(conn, lora_id)
+    lora = await loras_store.get_lora(conn, lora_id)
     if lora is None or not lora.webhook_url:
         return
     event = {"READY": "completed", "FAILED": "failed"}.get(lora.status)
@@ -97,14 +98,14 @@ async def on_lora_terminal(conn: aiosqlite.Connection, lora_id: str) -> None:
                   url=lora.webhook_url, event=event, payload=lora_payload(lora, event), terminal=True)
 
 
-async def on_job_event(conn: aiosqlite.Connection, job_id: str, event: str, image_urls: list[str] | None = None) -> None:
-    job = await work.get_job(conn, job_id)
+async def on_job_event(conn: Connection, job_id: str, event: str, image_urls: list[str] | None = None) -> None:
+    job = await jobs_store.get_job(conn, job_id)
     if job is None or not job.webhook_url:
         return
     events = job.webhook_events or list(JOB_DEFAULT_EVENTS)
     if event not in events:
         if event in ("completed", "failed"):
-            await work.update_job(conn, job.id, webhook_status=None)  # nothing will be sent
+            await jobs_store.update_job(conn, job.id, webhook_status=None)  # nothing will be sent
         return
     suffix = f":{job.progress}" if event == "progress" else ""
     await enqueue(conn, team_id=job.team_id, key_id=job.key_id, kind="job", owner_id=job.id, url=job.webhook_url,
@@ -191,7 +192,7 @@ class Deliverer:
             self._backlog = True  # a try that ends wakes the loop
             return
         async with self.db.tx() as conn:
-            ids = await durability.claim_deliveries(
+            ids = await deliveries_store.claim_deliveries(
                 conn, owner=self.owner, lease_s=self.lease_s, limit=free, exclude=self._inflight
             )
         self._backlog = len(ids) >= free
@@ -219,7 +220,7 @@ class Deliverer:
                 continue
             try:
                 async with self.db.tx() as conn:
-                    await durability.renew_delivery_leases(conn, self.owner, now() + self.lease_s, ids=ids)
+                    await deliveries_store.renew_delivery_leases(conn, self.owner, now() + self.lease_s, ids=ids)
             except Exception:
                 log.exception("webhook_loop_failed", owner=self.owner, stage="renew_leases")
 
@@ -227,7 +228,7 @@ class Deliverer:
         """One try of a delivery leased to this owner. Returns whether it is due again at once
         (a replay arrived during the try)."""
         async with self.db.read() as conn:
-            d = await durability.get_delivery(conn, delivery_id)
+            d = await deliveries_store.get_delivery(conn, delivery_id)
             key = await teams_store.key_by_id(conn, d.key_id) if d else None
         if d is None or d.lease_owner != self.owner or d.status != "pending":
             return False
@@ -247,12 +248,12 @@ class Deliverer:
         else:
             outcome, next_try = "pending", now() + retry_delay(self.cfg, attempts)
         async with self.db.tx() as conn:
-            recorded = await durability.record_delivery_attempt(
+            recorded = await deliveries_store.record_delivery_attempt(
                 conn, d, owner=self.owner, status_code=status_code, error=error, duration_ms=duration_ms,
                 outcome=outcome, next_try_at=next_try,
             )
             if recorded.outcome in ("delivered", "failed") and d.terminal and d.owner_kind == "job":
-                await work.update_job(conn, d.owner_id, webhook_status=recorded.outcome)
+                await jobs_store.update_job(conn, d.owner_id, webhook_status=recorded.outcome)
         self.on_outcome(recorded.outcome or "lease_lost")
         log.info(
             "webhook_delivered" if ok else "webhook_attempt_failed", delivery_id=d.id, webhook_event=d.event,

@@ -12,6 +12,23 @@ fi
 # wheels), then the rest of the local provider's extra, so its tests run too
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,local]"
+# the tests start their own throwaway PostgreSQL server (tests/pgserver.py): with no server
+# binaries around, install Debian's postgresql-15 when we can (root with apt-get)
+have_pg_server() {
+  local bindir
+  if bindir=$(pg_config --bindir 2>/dev/null) && [ -x "$bindir/initdb" ]; then
+    return 0
+  fi
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+if ! have_pg_server && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # refresh the package lists only when they do not know the package, or hold a stale version
+  apt-cache show postgresql-15 >/dev/null 2>&1 || apt-get update -q
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15
+  fi
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -7,11 +7,11 @@ import hmac
 import json
 
 import anyio
-
-from gateway.store import work
 from plugins.hookspecs import hookimpl
 from providers.base import Capabilities, CallbackEvent, ProviderAuthError
 from providers.sandbox import SandboxProvider
+from gateway.store import attempts as attempts_store
+from gateway.store import loras as loras_store
 from tests.conftest import Api
 
 SECRET = b"callback-secret"
@@ -58,8 +58,8 @@ CFG = dict(
 async def _training_attempt(api: Api, lora_id: str):
     for _ in range(600):
         async with api.gw.db.read() as conn:
-            attempt = await work.current_attempt(conn, "lora", lora_id)
-            lora = await work.get_lora(conn, lora_id)
+            attempt = await attempts_store.current_attempt(conn, "lora", lora_id)
+            lora = await loras_store.get_lora(conn, lora_id)
         if attempt and attempt.provider_ref and lora.stage == "poll":
             return attempt, lora
         await anyio.sleep(0.05)
@@ -89,7 +89,7 @@ async def test_bad_signatures_and_unknown_providers(make_api) -> None:
         assert (await api.client.post("/hooks/sandbox", content=body, headers=headers)).status_code == 404
         assert (await api.client.post("/hooks/nope", content=body, headers=headers)).status_code == 404
         async with api.gw.db.read() as conn:
-            after = await work.get_lora(conn, lora_id)
+            after = await loras_store.get_lora(conn, lora_id)
         assert after.next_run_at == before.next_run_at  # nothing moved
 
 
@@ -104,10 +104,10 @@ async def test_a_late_callback_from_a_superseded_attempt_changes_nothing(make_ap
                    VALUES ('newer', 'lora', ?, ?, 'calling', 'other-ref', 'running', 0, 0, 0)""",
                 (lora_id, old.seq + 1),
             )
-            before = await work.get_lora(conn, lora_id)
+            before = await loras_store.get_lora(conn, lora_id)
         body, headers = signed(old.provider_ref)
         r = await api.client.post("/hooks/calling", content=body, headers=headers)
         assert r.status_code == 200 and r.json()["applied"] is False
         async with api.gw.db.read() as conn:
-            after = await work.get_lora(conn, lora_id)
+            after = await loras_store.get_lora(conn, lora_id)
         assert after.next_run_at == before.next_run_at and after.status == "TRAINING"

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from gateway.store import teams as teams_store
-from gateway.store import work
+from gateway.store import attempts as attempts_store
+from gateway.store import ledger as ledger_store
+from gateway.store import loras as loras_store
 from plugins.hookspecs import hookimpl
 from providers.base import ProviderUnavailable
 from providers.sandbox import SandboxProvider
@@ -19,13 +20,13 @@ from tests.conftest import Api
 
 async def ledger(api: Api, team_id: str | None = None) -> list[tuple[int, str]]:
     async with api.gw.db.read() as conn:
-        entries = await teams_store.ledger_for(conn, team_id or api.team_id)
+        entries = await ledger_store.ledger_for(conn, team_id or api.team_id)
     return [(e.amount, e.kind) for e in entries if e.kind not in ("grant",)]
 
 
 async def attempts(api: Api, kind: str, owner_id: str) -> list[Any]:
     async with api.gw.db.read() as conn:
-        return await work.attempts_for(conn, kind, owner_id)
+        return await attempts_store.attempts_for(conn, kind, owner_id)
 
 
 async def wait_cancels_done(api: Api, kind: str, owner_id: str, timeout: float = 20) -> list[Any]:
@@ -94,11 +95,11 @@ async def test_generation_failure_refunds_in_full(make_api) -> None:
 
 async def test_refund_and_charge_never_happen_twice(api: Api) -> None:
     async with api.gw.db.tx() as conn:
-        assert await teams_store.apply_credits(conn, api.team_id, -5, reason="x", ref="r1", kind="job")
-        assert not await teams_store.apply_credits(conn, api.team_id, -5, reason="x", ref="r1", kind="job")
-        assert await teams_store.refund(conn, api.team_id, ref="r1", charge_kind="job", reason="y")
-        assert not await teams_store.refund(conn, api.team_id, ref="r1", charge_kind="job", reason="y")
-        assert not await teams_store.refund(conn, api.team_id, ref="never-charged", charge_kind="job", reason="y")
+        assert await ledger_store.apply_credits(conn, api.team_id, -5, reason="x", ref="r1", kind="job")
+        assert not await ledger_store.apply_credits(conn, api.team_id, -5, reason="x", ref="r1", kind="job")
+        assert await ledger_store.refund(conn, api.team_id, ref="r1", charge_kind="job", reason="y")
+        assert not await ledger_store.refund(conn, api.team_id, ref="r1", charge_kind="job", reason="y")
+        assert not await ledger_store.refund(conn, api.team_id, ref="never-charged", charge_kind="job", reason="y")
     assert await ledger(api) == [(-5, "job"), (5, "job_refund")]
 
 
@@ -112,9 +113,9 @@ async def test_ledger_is_append_only(api: Api) -> None:
 
 
 async def test_balance_never_goes_negative(api: Api) -> None:
-    with pytest.raises(teams_store.InsufficientBalance):
+    with pytest.raises(ledger_store.InsufficientBalance):
         async with api.gw.db.tx() as conn:
-            await teams_store.apply_credits(conn, api.team_id, -10**9, reason="x", ref="big", kind="job")
+            await ledger_store.apply_credits(conn, api.team_id, -10**9, reason="x", ref="big", kind="job")
     assert await api.credits() == 10_000
     assert await ledger(api) == []  # the failed debit was rolled back whole
 
@@ -216,7 +217,7 @@ async def test_a_dead_workers_lease_is_taken_over(api: Api) -> None:
     lora_id = r.json()["id"]
     # pretend another process leased it just now and then died: lease in the past
     async with api.gw.db.tx() as conn:
-        await work.update_lora(conn, lora_id, lease_owner="dead-host:1:x", lease_expires=0.0)
+        await loras_store.update_lora(conn, lora_id, lease_owner="dead-host:1:x", lease_expires=0.0)
     api.gw.wake()
     body = await api.wait_lora(lora_id)
     assert body["status"] == "READY"
@@ -378,21 +379,21 @@ async def test_polls_are_batched_and_lost_leases_are_respected(make_api) -> None
         for lora_id in ids:  # wait until each is training at the sandbox
             for _ in range(1200):
                 async with api.gw.db.read() as conn:
-                    row = await work.get_lora(conn, lora_id)
+                    row = await loras_store.get_lora(conn, lora_id)
                 if row.stage == "poll" and row.lease_owner is None:
                     break
                 await asyncio.sleep(0.02)
         async with api.gw.db.tx() as conn:  # lease them by hand, as a claim would
             for lora_id in ids:
-                await work.update_lora(conn, lora_id, lease_owner="me", lease_expires=10**12)
-            rows = [await work.get_lora(conn, i) for i in ids]
-            await work.update_lora(conn, ids[2], lease_owner="someone-else")  # lost meanwhile
-            before = {a.owner_id: a for a in await work.current_attempts(conn, "lora", ids)}
+                await loras_store.update_lora(conn, lora_id, lease_owner="me", lease_expires=10**12)
+            rows = [await loras_store.get_lora(conn, i) for i in ids]
+            await loras_store.update_lora(conn, ids[2], lease_owner="someone-else")  # lost meanwhile
+            before = {a.owner_id: a for a in await attempts_store.current_attempts(conn, "lora", ids)}
         rest = await Runner(api.gw, TRAINING, "me").poll_many(rows, anyio.CapacityLimiter(8))
         assert rest == []  # every answer was "running": nothing needs a full step
         async with api.gw.db.read() as conn:
-            after = {i: await work.get_lora(conn, i) for i in ids}
-            tries = {a.owner_id: a for a in await work.current_attempts(conn, "lora", ids)}
+            after = {i: await loras_store.get_lora(conn, i) for i in ids}
+            tries = {a.owner_id: a for a in await attempts_store.current_attempts(conn, "lora", ids)}
         for lora_id in ids[:2]:
             assert after[lora_id].lease_owner is None  # released until its next poll
             assert after[lora_id].next_run_at > time.time() + 200  # the next poll, one interval away

@@ -19,10 +19,12 @@ import pytest
 from gateway.engine.attempts import Answer, Runner, timing
 from gateway.engine.jobs import GENERATION
 from gateway.engine.worker import Engine
+from gateway.store import attempts as attempts_store
+from gateway.store import idempotency as idempotency_store
+from gateway.store import ledger as ledger_store
+from gateway.store import loras as loras_store
 from gateway.store import cancels as cancels_store
-from gateway.store import durability
-from gateway.store import teams as teams_store
-from gateway.store import work
+from gateway.store.models import Attempt
 from gateway.timeutil import new_id, now
 from plugins.hookspecs import hookimpl
 from providers.base import ProviderRateLimited, ProviderUnavailable
@@ -274,7 +276,7 @@ async def test_a_row_that_keeps_crashing_ends_failed_with_its_refunds(make_api) 
         assert lora["status"] == "FAILED" and "internal error" in lora["error"] and "3 times" in lora["error"]
         assert await api.credits() == start  # 255 and 2 refunded: it never trained
         async with api.gw.db.read() as conn:
-            assert (await work.get_lora(conn, lora["id"])).crashes == 3
+            assert (await loras_store.get_lora(conn, lora["id"])).crashes == 3
 
 
 async def test_a_provider_that_left_the_config_is_moved_off(api: Api) -> None:
@@ -282,7 +284,7 @@ async def test_a_provider_that_left_the_config_is_moved_off(api: Api) -> None:
     raise KeyError on every step, forever)."""
     lora = await api.ready_lora()
     async with api.gw.db.tx() as conn:  # as if it had been training at 'gone', now done there
-        await work.update_lora(conn, lora["id"], status="TRAINING", stage="finish", next_run_at=now(),
+        await loras_store.update_lora(conn, lora["id"], status="TRAINING", stage="finish", next_run_at=now(),
                                lease_owner=None, lease_expires=None, artifact_id=None)
         await conn.execute("UPDATE attempts SET provider = 'gone' WHERE owner_id = ?", (lora["id"],))
         await conn.execute("DELETE FROM artifacts WHERE lora_id = ?", (lora["id"],))
@@ -313,9 +315,9 @@ async def test_lookups_of_an_ambiguous_submit_are_bounded(make_api) -> None:
         start = await api.credits()
         lora_id = (await api.create_lora()).json()["id"]
         async with api.gw.db.tx() as conn:  # the state a crash mid-submit leaves behind
-            await work.update_lora(conn, lora_id, status="UPLOADING", stage="submit", attempts_used=1)
-            await work.insert_attempt(conn, new_attempt("lora", lora_id, 1, api.gw.providers["lookupdown"], 0))
-            await teams_store.apply_credits(conn, api.team_id, -255, reason="LoRA training", ref=lora_id,
+            await loras_store.update_lora(conn, lora_id, status="UPLOADING", stage="submit", attempts_used=1)
+            await attempts_store.insert_attempt(conn, new_attempt("lora", lora_id, 1, api.gw.providers["lookupdown"], 0))
+            await ledger_store.apply_credits(conn, api.team_id, -255, reason="LoRA training", ref=lora_id,
                                             kind="lora_training")
         async with anyio.create_task_group() as tg:
             await tg.start(Engine(api.gw).run)
@@ -367,7 +369,7 @@ async def test_poll_backoff_restarts_when_the_state_changes(api: Api) -> None:
         "id": "a", "owner_kind": "job", "owner_id": "j", "seq": 1, "provider": "sandbox", "provider_ref": "r",
         "provider_trigger_word": None, "state": "queued", "progress": None, "error": None, "retryable": False,
         "cost": 0, "currency": "USD", "polls": 6, "created_at": t, "submitted_at": t, "progressed_at": t,
-        "finished_at": None}, type=work.Attempt)
+        "finished_at": None}, type=Attempt)
 
     class Row:
         id, next_run_at = "j", t
@@ -399,7 +401,7 @@ async def test_the_weights_copy_counts_its_own_tries_and_honours_retry_after(mak
         (attempt,) = await attempts(api, "lora", lora["id"])
         assert attempt.state == "succeeded" and attempt.fetches == 1 and attempt.polls == 0
         async with api.gw.db.read() as conn:
-            row = await work.get_lora(conn, lora["id"])
+            row = await loras_store.get_lora(conn, lora["id"])
         assert row.completed_at - attempt.finished_at >= 0.95  # it waited as the host asked
 
 
@@ -408,10 +410,10 @@ async def test_the_weights_copy_counts_its_own_tries_and_honours_retry_after(mak
 
 async def test_expired_idempotency_keys_are_purged(api: Api) -> None:
     async with api.gw.db.tx() as conn:
-        await durability.idempotency_put(conn, durability.IdempotencyRecord(
+        await idempotency_store.idempotency_put(conn, idempotency_store.IdempotencyRecord(
             team_id=api.team_id, key="old", route="r", request_digest="d", object_id=new_id(),
             created_at=now() - 25 * 3600))
-        await durability.idempotency_put(conn, durability.IdempotencyRecord(
+        await idempotency_store.idempotency_put(conn, idempotency_store.IdempotencyRecord(
             team_id=api.team_id, key="fresh", route="r", request_digest="d", object_id=new_id(), created_at=now()))
     async with anyio.create_task_group() as tg:  # a second engine: its housekeeping purges at start
         await tg.start(Engine(api.gw).run)
@@ -426,8 +428,8 @@ async def test_a_refused_debit_writes_no_ledger_row(api: Api) -> None:
     """The balance is checked before the ledger row is written: a caller that catches the refusal
     and commits leaves no orphan ledger entry behind."""
     async with api.gw.db.tx() as conn:
-        with pytest.raises(teams_store.InsufficientBalance):
-            await teams_store.apply_credits(conn, api.team_id, -10**9, reason="x", ref="too-much", kind="job")
+        with pytest.raises(ledger_store.InsufficientBalance):
+            await ledger_store.apply_credits(conn, api.team_id, -10**9, reason="x", ref="too-much", kind="job")
     async with api.gw.db.read() as conn:
         rows = await conn.execute_fetchall("SELECT * FROM ledger WHERE ref = 'too-much'")
     assert list(rows) == []

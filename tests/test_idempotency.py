@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.store import teams as teams_store
+from gateway.store import ledger as ledger_store
 from tests.conftest import Api
 from tests.images import image_set, multipart_files
 
@@ -16,7 +16,7 @@ def gen_body(lora_id: str, **params) -> dict:
 
 async def charges(api: Api, kind: str) -> int:
     async with api.gw.db.read() as conn:
-        return sum(1 for e in await teams_store.ledger_for(conn, api.team_id) if e.kind == kind)
+        return sum(1 for e in await ledger_store.ledger_for(conn, api.team_id) if e.kind == kind)
 
 
 async def test_generate_replay_returns_the_original_job(api: Api) -> None:

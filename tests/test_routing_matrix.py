@@ -29,8 +29,9 @@ from typing import Any, AsyncIterator, Callable
 import httpx
 import pytest
 
+from gateway.store import attempts as attempts_store
+from gateway.store import loras as loras_store
 from gateway.engine.routing import rendezvous
-from gateway.store import work
 from tests.conftest import Api
 from tests.fakes.vimmerse import FakeVimmerse
 from tests.fakes.wavespeed import FakeWaveSpeed, sign
@@ -274,7 +275,7 @@ async def test_training_falls_back(make_api: Callable[..., Any], strategy: str, 
             assert await ledger(api, lora_id) == {"lora_create": -2, "lora_training": -255}  # charged once
             assert await api.credits() == start - 2 - 255
             async with api.gw.db.read() as conn:
-                row = await work.get_lora(conn, lora_id)
+                row = await loras_store.get_lora(conn, lora_id)
             assert row.trained_attempt_id == got[-1]["id"]  # B's weights, whatever A said later
         # call budget: A was asked at most once (never for an open breaker), B at most once
         if s.a.fake is not None:
@@ -433,5 +434,5 @@ async def test_a_forged_callback_cannot_claim_another_attempt(make_api: Callable
         r = await api.client.post(f"/hooks/ws-a?attempt={att['id']}", content=body, headers=headers)
         assert r.status_code == 200 and r.json()["applied"] is False
         async with api.gw.db.read() as conn:
-            again = await work.get_attempt(conn, att["id"])
+            again = await attempts_store.get_attempt(conn, att["id"])
         assert again.state == "succeeded" and again.provider_ref != json.loads(body)["id"]

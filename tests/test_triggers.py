@@ -6,8 +6,7 @@ import re
 import zipfile
 
 import pytest
-
-from gateway.store import work
+from gateway.store import loras as loras_store
 from gateway.triggers import apply_trigger, contains_word, generate_trigger_word, is_valid_trigger_word
 from plugins.hookspecs import hookimpl
 from providers.sandbox import SandboxProvider
@@ -47,16 +46,16 @@ def test_vendor_word_is_swapped_in() -> None:
 async def test_words_are_unique_among_live_loras(api: Api) -> None:
     ids = [(await api.create_lora()).json()["id"] for _ in range(3)]
     async with api.gw.db.read() as conn:
-        words = [(await work.get_lora(conn, i)).trigger_word for i in ids]
+        words = [(await loras_store.get_lora(conn, i)).trigger_word for i in ids]
     assert len(set(words)) == 3
     # the database refuses a duplicate among live LoRAs ...
     with pytest.raises(Exception, match="UNIQUE"):
         async with api.gw.db.tx() as conn:
-            await work.update_lora(conn, ids[1], trigger_word=words[0])
+            await loras_store.update_lora(conn, ids[1], trigger_word=words[0])
     # ... but a word may be reused once its LoRA is archived
     assert (await api.client.delete(f"/v2/loras/{ids[0]}", headers=api.h())).status_code == 204
     async with api.gw.db.tx() as conn:
-        await work.update_lora(conn, ids[1], trigger_word=words[0])
+        await loras_store.update_lora(conn, ids[1], trigger_word=words[0])
 
 
 class RecordingSandbox(SandboxProvider):

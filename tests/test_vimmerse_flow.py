@@ -14,8 +14,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 from PIL import Image
-
-from gateway.store import work
+from gateway.store import attempts as attempts_store
+from gateway.store import loras as loras_store
 from gateway.triggers import contains_word
 from tests.conftest import Api
 from tests.fakes.vimmerse import FakeVimmerse, serve_on_loopback
@@ -79,8 +79,8 @@ async def test_flow_with_vimmerse(make_api: Callable[..., Any], vendor: tuple[Fa
         assert len(samples) == 2 and all("/files/loras/" in u for u in samples)  # copied into gateway storage
         assert (await fetch_image(api, samples[0])).format == "PNG"
         async with api.gw.db.read() as conn:
-            row = await work.get_lora(conn, lora["id"])
-            (attempt,) = await work.attempts_for(conn, "lora", lora["id"])
+            row = await loras_store.get_lora(conn, lora["id"])
+            (attempt,) = await attempts_store.attempts_for(conn, "lora", lora["id"])
         assert row.trained_attempt_id == attempt.id and attempt.provider_trigger_word == ft.trigger_word
         assert attempt.provider_ref == ft.trigger_word
 
@@ -116,7 +116,7 @@ async def test_callbacks_are_hints_and_image_urls_delivery(make_api: Callable[..
         assert form.file_count == 0 and len(form.image_urls) == 15
         assert all(u.startswith(f"{public}/files/loras/{lora['id']}/dataset/") for u in form.image_urls)
         async with api.gw.db.read() as conn:
-            (attempt,) = await work.attempts_for(conn, "lora", lora["id"])
+            (attempt,) = await attempts_store.attempts_for(conn, "lora", lora["id"])
         assert form.value("webhook_url") == f"{public}/hooks/vimmerse?attempt={attempt.id}"
         for _ in range(100):  # the fake delivers from its own thread
             if fake.deliveries:
@@ -139,7 +139,7 @@ async def test_a_vimmerse_lora_generates_only_on_vimmerse(make_api: Callable[...
         job = await generate(api, lora["id"])
         assert job["status"] == "COMPLETED"
         async with api.gw.db.read() as conn:
-            (attempt,) = await work.attempts_for(conn, "job", job["id"])
+            (attempt,) = await attempts_store.attempts_for(conn, "job", job["id"])
         assert attempt.provider == "vimmerse"
 
 
@@ -167,8 +167,8 @@ async def test_generation_uses_the_attempt_that_trained(make_api: Callable[..., 
         word = fake.last_finetune.trigger_word
         later = new_attempt("lora", lora["id"], 2, api.gw.providers["vimmerse"], 0)
         async with api.gw.db.tx() as conn:
-            await work.insert_attempt(conn, later)
-            await work.update_attempt(conn, later.id, state="failed", provider_trigger_word="BOGUS_WORD",
+            await attempts_store.insert_attempt(conn, later)
+            await attempts_store.update_attempt(conn, later.id, state="failed", provider_trigger_word="BOGUS_WORD",
                                       provider_ref="BOGUS_WORD")
         job = await generate(api, lora["id"])
         assert job["status"] == "COMPLETED" and fake.last_asset.prompt.startswith(word + " ")
@@ -183,8 +183,8 @@ async def test_a_hint_polls_now_at_most_every_few_seconds(make_api: Callable[...
 
         async def training() -> Any:
             async with api.gw.db.read() as conn:
-                tries = await work.attempts_for(conn, "lora", lora_id)
-                row = await work.get_lora(conn, lora_id)
+                tries = await attempts_store.attempts_for(conn, "lora", lora_id)
+                row = await loras_store.get_lora(conn, lora_id)
             return tries[-1] if tries and tries[-1].state in ("queued", "running") and row.lease_owner is None else None
 
         for _ in range(200):
@@ -193,7 +193,7 @@ async def test_a_hint_polls_now_at_most_every_few_seconds(make_api: Callable[...
             await asyncio.sleep(0.05)
         assert attempt
         async with api.gw.db.tx() as conn:  # the next poll far away: only a hint brings it forward
-            await work.update_lora(conn, lora_id, next_run_at=10**11)
+            await loras_store.update_lora(conn, lora_id, next_run_at=10**11)
         first = await api.client.post(f"/hooks/vimmerse?attempt={attempt.id}", json={"anything": 1})
         second = await api.client.post(f"/hooks/vimmerse?attempt={attempt.id}", json={"anything": 2})
         assert first.json()["applied"] is True and second.json()["applied"] is False  # rate-limited

@@ -21,6 +21,7 @@ import uvicorn
 from litestar import Litestar
 from PIL import Image
 
+from gateway.store import attempts as attempts_store
 from tests.conftest import Api
 from tests.fakes.wavespeed import FakeWaveSpeed, serve_on_loopback
 
@@ -180,10 +181,9 @@ async def test_callback_makes_the_poll_due_now(make_api: Callable[..., Any], ven
 
 
 async def _attempts(api: Api, lora_id: str) -> list[Any]:
-    from gateway.store import work
 
     async with api.gw.db.read() as conn:
-        return await work.attempts_for(conn, "lora", lora_id)
+        return await attempts_store.attempts_for(conn, "lora", lora_id)
 
 
 async def test_upload_ticket_timeout_is_retried_not_counted_unknown(make_api: Callable[..., Any],

@@ -20,8 +20,8 @@ from typing import Any
 
 import anyio
 
+from gateway.store import deliveries as deliveries_store
 from gateway import webhooks
-from gateway.store import durability
 from gateway.webhooks import Deliverer
 from tests.conftest import Api
 from tests.receiver import Received, Receiver, serving
@@ -292,27 +292,27 @@ async def test_replay_during_a_try_at_the_store(make_api) -> None:
     async with make_api(**cfg) as api:
         delivery_id = await queue(api, "http://127.0.0.1:9/x", "obj-1")
         async with api.gw.db.tx() as conn:
-            assert await durability.claim_deliveries(conn, owner="a", lease_s=30, limit=10) == [delivery_id]
-            d = await durability.get_delivery(conn, delivery_id)
-            assert await durability.replay_delivery(conn, delivery_id, api.team_id)
-            assert await durability.claim_deliveries(conn, owner="b", lease_s=30, limit=10) == []  # still a's
-            rec = await durability.record_delivery_attempt(
+            assert await deliveries_store.claim_deliveries(conn, owner="a", lease_s=30, limit=10) == [delivery_id]
+            d = await deliveries_store.get_delivery(conn, delivery_id)
+            assert await deliveries_store.replay_delivery(conn, delivery_id, api.team_id)
+            assert await deliveries_store.claim_deliveries(conn, owner="b", lease_s=30, limit=10) == []  # still a's
+            rec = await deliveries_store.record_delivery_attempt(
                 conn, d, owner="a", status_code=200, error=None, duration_ms=5, outcome="delivered", next_try_at=0)
             assert rec == (1, "replayed")
-            after = await durability.get_delivery(conn, delivery_id)
+            after = await deliveries_store.get_delivery(conn, delivery_id)
             assert after.status == "pending" and after.lease_owner is None and after.attempts == 1
             assert after.next_try_at <= time.time() and after.delivered_at is not None
-            rec = await durability.record_delivery_attempt(
+            rec = await deliveries_store.record_delivery_attempt(
                 conn, d, owner="a", status_code=500, error="HTTP 500", duration_ms=5, outcome="pending", next_try_at=0)
             assert rec == (2, None)  # no lease: logged, not applied
-            assert (await durability.get_delivery(conn, delivery_id)).status == "pending"
-            assert await durability.claim_deliveries(conn, owner="b", lease_s=30, limit=10) == [delivery_id]
-            d = await durability.get_delivery(conn, delivery_id)
-            rec = await durability.record_delivery_attempt(
+            assert (await deliveries_store.get_delivery(conn, delivery_id)).status == "pending"
+            assert await deliveries_store.claim_deliveries(conn, owner="b", lease_s=30, limit=10) == [delivery_id]
+            d = await deliveries_store.get_delivery(conn, delivery_id)
+            rec = await deliveries_store.record_delivery_attempt(
                 conn, d, owner="b", status_code=200, error=None, duration_ms=5, outcome="delivered", next_try_at=0)
             assert rec == (3, "delivered")
-            assert [a.attempt for a in await durability.delivery_attempts(conn, delivery_id)] == [1, 2, 3]
-            assert (await durability.get_delivery(conn, delivery_id)).status == "delivered"
+            assert [a.attempt for a in await deliveries_store.delivery_attempts(conn, delivery_id)] == [1, 2, 3]
+            assert (await deliveries_store.get_delivery(conn, delivery_id)).status == "delivered"
 
 
 def standard_webhooks_verify(secret: str, headers: dict[str, str], body: bytes, *, now: float,

@@ -11,8 +11,8 @@ from litestar import Controller, Request, Response, get, post
 from gateway.api.auth import gateway
 from gateway.api.params import parse_query
 from gateway.errors import NotFound, Unauthorized
-from gateway.store import durability
-from gateway.store.durability import Delivery, DeliveryAttempt
+from gateway.store import deliveries as deliveries_store
+from gateway.store.deliveries import Delivery, DeliveryAttempt
 from gateway.timeutil import iso
 
 
@@ -51,15 +51,15 @@ class AdminController(Controller):
         _check_admin(request)
         q = parse_query(request, {"status": ("enum:pending|delivered|failed", None), "limit": ("int:1:1000", 100)})
         async with gateway(request).db.read() as conn:
-            items = await durability.list_deliveries(conn, team_id, status=q["status"], limit=q["limit"])
+            items = await deliveries_store.list_deliveries(conn, team_id, status=q["status"], limit=q["limit"])
         return Response({"deliveries": [delivery_view(d) for d in items]})
 
     @get("/deliveries/{delivery_id:str}", summary="One delivery with every attempt")
     async def get_delivery(self, request: Request, delivery_id: str) -> Response:
         _check_admin(request)
         async with gateway(request).db.read() as conn:
-            d = await durability.get_delivery(conn, delivery_id)
-            log = await durability.delivery_attempts(conn, delivery_id) if d else []
+            d = await deliveries_store.get_delivery(conn, delivery_id)
+            log = await deliveries_store.delivery_attempts(conn, delivery_id) if d else []
         if d is None:
             raise NotFound("Delivery not found")
         return Response(delivery_view(d, log))
@@ -69,8 +69,8 @@ class AdminController(Controller):
         _check_admin(request)
         gw = gateway(request)
         async with gw.db.tx() as conn:
-            d = await durability.get_delivery(conn, delivery_id)
-            if d is None or not await durability.replay_delivery(conn, delivery_id, d.team_id):
+            d = await deliveries_store.get_delivery(conn, delivery_id)
+            if d is None or not await deliveries_store.replay_delivery(conn, delivery_id, d.team_id):
                 raise NotFound("Delivery not found")
         gw.wake_deliveries()
         return Response({"id": delivery_id, "status": "pending"}, status_code=202)

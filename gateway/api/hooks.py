@@ -12,9 +12,9 @@ import inspect
 import structlog
 from litestar import Request, Response, post
 
+from gateway.store import attempts as attempts_store
 from gateway.api.auth import gateway
 from gateway.errors import NotFound, Unauthorized
-from gateway.store import work
 from providers.base import ProviderError
 
 log = structlog.get_logger()
@@ -57,12 +57,12 @@ async def provider_callback(request: Request, provider_name: str) -> Response:
         raise Unauthorized("Callback verification failed") from None
     async with gw.db.tx() as conn:
         if event.hint:  # unverifiable: only "look now" for the attempt it names, rate-limited
-            owner = (await work.hint_attempt(conn, provider_name, event.attempt_id, every_s=HINT_EVERY_S)
+            owner = (await attempts_store.hint_attempt(conn, provider_name, event.attempt_id, every_s=HINT_EVERY_S)
                      if event.attempt_id else None)
         else:
             if event.attempt_id and event.ref:  # it may resolve a submission whose answer was lost
-                await work.bind_callback(conn, provider_name, event.attempt_id, event.ref)
-            owner = await work.poll_now_for_ref(conn, provider_name, event.ref) if event.ref else None
+                await attempts_store.bind_callback(conn, provider_name, event.attempt_id, event.ref)
+            owner = await attempts_store.poll_now_for_ref(conn, provider_name, event.ref) if event.ref else None
     log.info("callback_received", provider=provider_name, provider_ref=event.ref, hint=event.hint,
              applied=owner is not None)
     if owner is not None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from litestar import Controller, Request, Response, get, post
 
+from gateway.store import jobs as jobs_store
 from gateway.api.auth import caller, gateway
 from gateway.api.params import parse_query
 from gateway.api.views import job_view
 from gateway.services import idempotency
 from gateway.services import jobs as job_service
 from gateway.services import providers as provider_service
-from gateway.store import work
 
 MAX_JSON_BODY = 64 * 1024
 
@@ -42,7 +42,7 @@ class JobController(Controller):
         images = []
         if job.status == "COMPLETED":
             async with gw.db.read() as conn:
-                images = await work.job_images(conn, job.id)
+                images = await jobs_store.job_images(conn, job.id)
         return Response(job_view(gw, job, images))
 
     @get("/", summary="List jobs, newest first")
@@ -66,7 +66,7 @@ class JobController(Controller):
         views = []
         async with gw.db.read() as conn:
             for job in items:
-                images = await work.job_images(conn, job.id) if job.status == "COMPLETED" else []
+                images = await jobs_store.job_images(conn, job.id) if job.status == "COMPLETED" else []
                 views.append(job_view(gw, job, images))
         body = {"jobs": views, "nextCursor": next_cursor, "hasMore": next_cursor is not None}
         if models is not None:

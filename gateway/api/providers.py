@@ -9,6 +9,7 @@ import time
 
 from litestar import Controller, Request, Response, get
 
+from gateway.store import queue as queue_store
 from gateway.api.auth import caller, gateway
 from gateway.api.params import parse_query
 from gateway.errors import NotFound, Unauthorized, ValidationFailed
@@ -17,7 +18,6 @@ from gateway.metrics import CONTENT_TYPE
 from gateway.services import jobs as job_service
 from gateway.services import loras as lora_service
 from gateway.services import providers as provider_service
-from gateway.store import work
 
 
 class ProvidersController(Controller):
@@ -74,5 +74,5 @@ async def metrics(request: Request) -> Response:
         states = await gw.health.states(op)
         breakers.update({(name, op): states.get(name, "closed") for name in gw.providers})
     async with gw.db.read() as conn:
-        rows = await work.count_by_status(conn)
+        rows = await queue_store.count_by_status(conn)
     return Response(gw.metrics.render(breakers, rows), media_type=CONTENT_TYPE)

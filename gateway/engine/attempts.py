@@ -39,8 +39,9 @@ from gateway.config import EngineSettings
 from gateway.context import Gateway
 from gateway.engine.errors import LeaseLost, StepError
 from gateway.health import OPERATIONS
+from gateway.store import attempts as attempts_store
+from gateway.store import queue as queue_store
 from gateway.store import cancels as cancels_store
-from gateway.store import work
 from gateway.store.models import Attempt
 from gateway.timeutil import new_id, now
 from providers.base import (
@@ -276,11 +277,11 @@ class Runner:
 
     async def attempts(self, row_id: str) -> list[Attempt]:
         async with self.gw.db.read() as conn:
-            return await work.attempts_for(conn, self.op.kind, row_id)
+            return await attempts_store.attempts_for(conn, self.op.kind, row_id)
 
     async def current(self, row_id: str) -> Attempt | None:
         async with self.gw.db.read() as conn:
-            return await work.current_attempt(conn, self.op.kind, row_id)
+            return await attempts_store.current_attempt(conn, self.op.kind, row_id)
 
     async def release(self, row: Any, delay: float, **fields: Any) -> None:
         """Write ``fields`` and hand the row back until ``delay`` from now."""
@@ -351,7 +352,7 @@ class Runner:
         try:
             async with self.gw.db.tx() as conn:
                 extra = await self.op.record(conn, row, attempt)
-                await work.insert_attempt(conn, attempt)
+                await attempts_store.insert_attempt(conn, attempt)
                 await self.op.write(conn, row, self.owner, attempts_used=len(attempts) + 1, **extra)
         except StepError as e:
             await self.fail(row, e.message)
@@ -370,7 +371,7 @@ class Runner:
             log.warning("submission_ambiguous", provider=provider.name, error=e.message)
             t = self.timing(provider.name)
             async with self.gw.db.tx() as conn:
-                await work.update_attempt(conn, attempt.id, state="ambiguous", error=e.message[:500],
+                await attempts_store.update_attempt(conn, attempt.id, state="ambiguous", error=e.message[:500],
                                           submitted_at=now())
                 await self.op.write(conn, row, self.owner, next_run_at=now() + t.min_poll_s, lease_owner=None,
                                     lease_expires=None)
@@ -393,7 +394,7 @@ class Runner:
         t = now()
         try:
             async with self.gw.db.tx() as conn:
-                await work.update_attempt(
+                await attempts_store.update_attempt(
                     conn, attempt.id, provider_ref=ref, provider_trigger_word=answer.trigger_word,
                     state=answer.state, progress=1.0 if done else answer.progress, polls=0,
                     submitted_at=attempt.submitted_at or t, progressed_at=t, finished_at=t if done else None,
@@ -420,10 +421,9 @@ class Runner:
         still wants this attempt."""
         async with self.gw.db.tx() as conn:
             if ref:
-                await conn.execute("UPDATE attempts SET provider_ref = COALESCE(provider_ref, ?) WHERE id = ?",
-                                   (ref, attempt.id))
+                await attempts_store.fill_ref(conn, attempt.id, ref)
             row = await self.op.load(conn, attempt.owner_id)
-            current = await work.current_attempt(conn, self.op.kind, attempt.owner_id)
+            current = await attempts_store.current_attempt(conn, self.op.kind, attempt.owner_id)
             wanted = (row is not None and row.status in self.op.active and current is not None
                       and current.id == attempt.id and current.state in IN_FLIGHT)
             if not wanted:
@@ -453,7 +453,7 @@ class Runner:
                         True, unknown=True)
                 t = self.timing(provider.name)
                 async with self.gw.db.tx() as conn:
-                    await work.update_attempt(conn, attempt.id, lookups=lookups)
+                    await attempts_store.update_attempt(conn, attempt.id, lookups=lookups)
                     await self.op.write(conn, row, self.owner, lease_owner=None, lease_expires=None,
                                         next_run_at=now() + (retry_after(e) or t.poll_delay(lookups)))
                 return False
@@ -497,7 +497,7 @@ class Runner:
         assert answer is not None
         if answer.state == "succeeded":
             async with self.gw.db.tx() as conn:
-                await work.update_attempt(conn, attempt.id, state="succeeded", progress=1.0, finished_at=now(), polls=0)
+                await attempts_store.update_attempt(conn, attempt.id, state="succeeded", progress=1.0, finished_at=now(), polls=0)
                 await self.op.write(conn, row, self.owner, stage="finish")
             log.info(f"{self.op.name}_succeeded", provider=provider.name)
             return await self._finish(await self.read(row.id), answer)
@@ -512,7 +512,7 @@ class Runner:
             if fields:
                 await self.op.write(conn, row, self.owner, **fields)
                 await self.op.on_running(conn, row, fields)
-            await work.apply_running_polls(conn, self.op.kind, self.owner, [update])
+            await queue_store.apply_running_polls(conn, self.op.kind, self.owner, [update])
         if fields:
             self.gw.wake_deliveries()
         return False
@@ -548,7 +548,7 @@ class Runner:
             return await self._attempt_failed(row, attempt, e.message, True, cancel=True)
         polls = attempt.polls + 1
         async with self.gw.db.tx() as conn:
-            await work.update_attempt(conn, attempt.id, polls=polls)
+            await attempts_store.update_attempt(conn, attempt.id, polls=polls)
             await self.op.write(conn, row, self.owner, next_run_at=now() + (retry_after(e) or t.poll_delay(polls)),
                                 lease_owner=None, lease_expires=None)
         return False
@@ -584,7 +584,7 @@ class Runner:
             log.warning("results_copy_failed", provider=provider.name, error=e.message, tries=fetches)
             if e.retryable and fetches < FINISH_TRIES:  # copy again later; another attempt is the last resort
                 async with self.gw.db.tx() as conn:
-                    await work.update_attempt(conn, attempt.id, fetches=fetches)
+                    await attempts_store.update_attempt(conn, attempt.id, fetches=fetches)
                     await self.op.write(
                         conn, row, self.owner, lease_owner=None, lease_expires=None,
                         next_run_at=now() + (retry_after(e) or self.timing(provider.name).poll_delay(fetches)),
@@ -620,7 +620,7 @@ class Runner:
             tries = sum(a.provider == nxt.name for a in attempts)
             wait = self.engine.retry_backoff_s * 2 ** (tries - 1)  # the same provider again: back off
         async with self.gw.db.tx() as conn:
-            await work.update_attempt(conn, attempt.id, state=state, error=error[:500], retryable=retryable,
+            await attempts_store.update_attempt(conn, attempt.id, state=state, error=error[:500], retryable=retryable,
                                       finished_at=now())
             if cancel:
                 await cancels_store.request_cancel(conn, closed, "superseded: " + error[:200])
@@ -648,9 +648,9 @@ class Runner:
         await self.op.after_terminal(self.gw, row.id)
 
     async def _fail_in(self, conn: Any, row: Any, error: str) -> None:
-        current = await work.current_attempt(conn, self.op.kind, row.id)
+        current = await attempts_store.current_attempt(conn, self.op.kind, row.id)
         if current is not None and current.state in IN_FLIGHT:
-            await work.update_attempt(conn, current.id, state="failed", error=("abandoned: " + error)[:500],
+            await attempts_store.update_attempt(conn, current.id, state="failed", error=("abandoned: " + error)[:500],
                                       finished_at=now())
             await cancels_store.request_cancel(conn, current, "its row failed")
             self.gw.wake()
@@ -681,7 +681,7 @@ class Runner:
         except Exception:  # the failure path itself is broken: still end the row, loudly
             log.exception(f"{self.op.kind}_fail_crashed")
             async with self.gw.db.tx() as conn:
-                await work.update_row(conn, self.op.kind, row.id, status="FAILED", stage="done", error=message,
+                await queue_store.update_row(conn, self.op.kind, row.id, status="FAILED", stage="done", error=message,
                                       completed_at=now(), lease_owner=None, lease_expires=None)
 
     # ------------------------------------------------------------------ poll batches
@@ -707,7 +707,7 @@ class Runner:
         10,000 trainings in flight stay cheap. Returns the rows that need their full step,
         with the answer already fetched."""
         async with self.gw.db.read() as conn:
-            current = {a.owner_id: a for a in await work.current_attempts(conn, self.op.kind, [r.id for r in rows])}
+            current = {a.owner_id: a for a in await attempts_store.current_attempts(conn, self.op.kind, [r.id for r in rows])}
         polled: dict[str, Polled] = {}
 
         async def one(row: Any) -> None:
@@ -739,5 +739,5 @@ class Runner:
             (running.append(update) if update is not None else rest.append((row, p)))
         if running:
             async with self.gw.db.tx() as conn:
-                await work.apply_running_polls(conn, self.op.kind, self.owner, running)
+                await queue_store.apply_running_polls(conn, self.op.kind, self.owner, running)
         return rest

@@ -15,8 +15,8 @@ import structlog
 
 from gateway.context import Gateway
 from gateway.engine.attempts import IN_FLIGHT, Operation, timing
+from gateway.store import attempts as attempts_store
 from gateway.store import cancels as cancels_store
-from gateway.store import work
 from gateway.store.cancels import CancelRequest
 from gateway.timeutil import now
 from providers.base import ProviderError
@@ -32,11 +32,7 @@ async def work_cancel(gw: Gateway, op: Operation, req: CancelRequest, owner: str
     async def close(state: str, error: str | None = None) -> None:
         async with gw.db.tx() as conn:
             if await cancels_store.close_cancel(conn, req.attempt_id, owner, state=state, error=error) and state == "done":
-                await conn.execute(
-                    f"UPDATE attempts SET state = 'cancelled', finished_at = COALESCE(finished_at, ?) "
-                    f"WHERE id = ? AND state IN ({', '.join('?' for _ in IN_FLIGHT)})",
-                    (now(), req.attempt_id, *IN_FLIGHT),
-                )
+                await attempts_store.mark_cancelled(conn, req.attempt_id, IN_FLIGHT)
         (log.info if state == "done" else log.warning)(f"cancel_{state}", error=error, tries=req.tries + 1)
 
     async def again(error: str, ref: str | None = None) -> None:
@@ -54,7 +50,7 @@ async def work_cancel(gw: Gateway, op: Operation, req: CancelRequest, owner: str
         ref = req.provider_ref
         if ref is None:
             async with gw.db.read() as conn:
-                attempt = next((a for a in await work.attempts_for(conn, req.owner_kind, req.owner_id)
+                attempt = next((a for a in await attempts_store.attempts_for(conn, req.owner_kind, req.owner_id)
                                 if a.id == req.attempt_id), None)
             ref = attempt.provider_ref if attempt else None
         if ref is None:

@@ -23,8 +23,10 @@ from gateway.engine.attempts import Answer, Operation, Runner
 from gateway.engine.errors import LeaseLost, StepError
 from gateway.engine.routing import InferenceNeeds
 from gateway.imaging import SIZES, finalise_image
-from gateway.store import teams as teams_store
-from gateway.store import work
+from gateway.store import attempts as attempts_store
+from gateway.store import jobs as jobs_store
+from gateway.store import ledger as ledger_store
+from gateway.store import loras as loras_store
 from gateway.store.models import Artifact, Attempt, Job, JobImage, Lora
 from gateway.timeutil import now
 from gateway.triggers import apply_trigger
@@ -53,12 +55,12 @@ async def _start(runner: Runner, job: Job) -> bool:
 
 async def _lora(gw: Gateway, job: Job) -> tuple[Lora, LoraHandle, Artifact | None]:
     async with gw.db.read() as conn:
-        lora = await work.get_lora(conn, job.lora_id, job.team_id)
+        lora = await loras_store.get_lora(conn, job.lora_id, job.team_id)
         if lora is None or lora.status != "READY":
             raise StepError("the LoRA is no longer available")
-        attempt = (await work.get_attempt(conn, lora.trained_attempt_id) if lora.trained_attempt_id
-                   else await work.current_attempt(conn, "lora", lora.id))  # (rows from before the pin)
-        artifact = await work.artifact_for(conn, lora.id)
+        attempt = (await attempts_store.get_attempt(conn, lora.trained_attempt_id) if lora.trained_attempt_id
+                   else await attempts_store.current_attempt(conn, "lora", lora.id))  # (rows from before the pin)
+        artifact = await loras_store.artifact_for(conn, lora.id)
     handle = LoraHandle(
         lora_id=lora.id,
         trigger_word=lora.trigger_word,
@@ -95,7 +97,7 @@ def _spec(job: Job, attempt_id: str, handle: LoraHandle, provider: Provider) -> 
 class GenerationOperation(Operation):
     kind = "job"
     name = "generation"
-    active = work.ACTIVE_JOB
+    active = jobs_store.ACTIVE_JOB
     no_provider = "no configured provider can generate with this LoRA and these parameters"
     results = "the generated images"
 
@@ -103,10 +105,10 @@ class GenerationOperation(Operation):
         self.preludes = {"start": _start}
 
     async def load(self, conn: Any, row_id: str) -> Job | None:
-        return await work.get_job(conn, row_id)
+        return await jobs_store.get_job(conn, row_id)
 
     async def write(self, conn: Any, row: Job, owner: str, **fields: Any) -> None:
-        if not await work.update_job(conn, row.id, lease=owner, **fields):
+        if not await jobs_store.update_job(conn, row.id, lease=owner, **fields):
             raise LeaseLost(row.id)
 
     async def candidates(self, gw: Gateway, job: Job) -> list[Provider]:
@@ -176,8 +178,8 @@ class GenerationOperation(Operation):
                 await gw.storage.put_file(key, out, move=True)
                 images.append(JobImage(job_id=job.id, idx=i, storage_key=key, format=fmt, width=width, height=height))
         async with gw.db.tx() as conn:
-            await work.insert_job_images(conn, images)
-            await work.update_attempt(conn, attempt.id, state="succeeded", progress=1.0,
+            await jobs_store.insert_job_images(conn, images)
+            await attempts_store.update_attempt(conn, attempt.id, state="succeeded", progress=1.0,
                                       finished_at=attempt.finished_at or now())
             await self.write(conn, job, runner.owner, status="COMPLETED", stage="done", progress=100,
                              completed_at=now(), error=None, lease_owner=None, lease_expires=None)
@@ -188,7 +190,7 @@ class GenerationOperation(Operation):
         """FAILED: the whole charge is refunded and ``creditCost`` becomes 0."""
         await self.write(conn, job, owner, status="FAILED", stage="done", error=error, completed_at=now(),
                          credit_cost=0, lease_owner=None, lease_expires=None)
-        await teams_store.refund(conn, job.team_id, ref=job.id, charge_kind="job", reason="generation failed")
+        await ledger_store.refund(conn, job.team_id, ref=job.id, charge_kind="job", reason="generation failed")
         await webhooks.on_job_event(conn, job.id, "failed")
 
 

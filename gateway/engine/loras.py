@@ -28,9 +28,10 @@ from gateway.engine.attempts import IN_FLIGHT, Answer, Operation, Runner
 from gateway.engine.errors import LeaseLost, StepError
 from gateway.engine.routing import TrainingNeeds
 from gateway.imaging import finalise_image, image_format
+from gateway.store import attempts as attempts_store
+from gateway.store import ledger as ledger_store
+from gateway.store import loras as loras_store
 from gateway.store import cancels as cancels_store
-from gateway.store import teams as teams_store
-from gateway.store import work
 from gateway.store.models import Artifact, Attempt, Lora
 from gateway.timeutil import new_id, now
 from plugins.captioners.base import CaptionContext
@@ -134,7 +135,7 @@ def _answer(status: TrainingStatus, ref: str | None = None) -> Answer:
 class TrainingOperation(Operation):
     kind = "lora"
     name = "training"
-    active = work.ACTIVE_LORA
+    active = loras_store.ACTIVE_LORA
     no_provider = "no configured provider can train this LoRA (subject kind, steps or rank)"
     results = "the trained weights"
 
@@ -142,10 +143,10 @@ class TrainingOperation(Operation):
         self.preludes = {"prepare": _prepare}
 
     async def load(self, conn: Any, row_id: str) -> Lora | None:
-        return await work.get_lora(conn, row_id)
+        return await loras_store.get_lora(conn, row_id)
 
     async def write(self, conn: Any, row: Lora, owner: str, **fields: Any) -> None:
-        if not await work.update_lora(conn, row.id, lease=owner, **fields):
+        if not await loras_store.update_lora(conn, row.id, lease=owner, **fields):
             raise LeaseLost(row.id)
 
     async def candidates(self, gw: Gateway, lora: Lora) -> list[Provider]:
@@ -159,9 +160,9 @@ class TrainingOperation(Operation):
     async def record(self, conn: Any, lora: Lora, attempt: Attempt) -> dict[str, Any]:
         """The 255 is charged just before the first submit (once: the ledger is unique)."""
         try:
-            await teams_store.apply_credits(conn, lora.team_id, -TRAINING_FEE, reason="LoRA training", ref=lora.id,
+            await ledger_store.apply_credits(conn, lora.team_id, -TRAINING_FEE, reason="LoRA training", ref=lora.id,
                                             kind="lora_training")
-        except teams_store.InsufficientBalance as e:
+        except ledger_store.InsufficientBalance as e:
             raise StepError(f"insufficient credits to start training: {TRAINING_FEE} required, {e.available} available") from None
         return {}
 
@@ -211,7 +212,7 @@ class TrainingOperation(Operation):
             samples = await _copy_samples(gw, lora, provider, status.sample_urls)
         async with gw.db.tx() as conn:
             if artifact is not None:
-                await work.insert_artifact(conn, artifact)
+                await loras_store.insert_artifact(conn, artifact)
             await self.write(conn, lora, runner.owner, status="READY", stage="done", completed_at=now(), error=None,
                              portable=artifact is not None, artifact_id=artifact.id if artifact else None,
                              trained_attempt_id=attempt.id, sample_keys=samples,
@@ -223,9 +224,9 @@ class TrainingOperation(Operation):
         """FAILED: refund 255 if it was charged, and 2 as well if training never began."""
         await self.write(conn, lora, owner, status="FAILED", stage="done", error=error, completed_at=now(),
                          lease_owner=None, lease_expires=None)
-        await teams_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_training", reason="LoRA training failed")
+        await ledger_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_training", reason="LoRA training failed")
         if lora.started_at is None:
-            await teams_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_create",
+            await ledger_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_create",
                                      reason="LoRA failed before training")
         await webhooks.on_lora_terminal(conn, lora.id)
 
@@ -262,24 +263,24 @@ async def archive(gw: Gateway, lora: Lora) -> None:
     before a vendor accepted its current training (still preparing, submitting, or between
     attempts) gets its 255 back."""
     async with gw.db.tx() as conn:
-        if not await work.update_lora(conn, lora.id, status="ARCHIVED", stage="done", archived_at=now(),
+        if not await loras_store.update_lora(conn, lora.id, status="ARCHIVED", stage="done", archived_at=now(),
                                       lease_owner=None, lease_expires=None):
             return
-        attempts = await work.attempts_for(conn, "lora", lora.id)
+        attempts = await attempts_store.attempts_for(conn, "lora", lora.id)
         current = attempts[-1] if attempts else None
         # a vendor is working on it (or has finished it): the training fee stays charged
         accepted = current is not None and current.provider_ref is not None and current.state in (
             "queued", "running", "succeeded")
-        if lora.status in work.ACTIVE_LORA and current is not None and current.state in IN_FLIGHT:
-            await work.update_attempt(conn, current.id, state="cancelled", finished_at=now(),
+        if lora.status in loras_store.ACTIVE_LORA and current is not None and current.state in IN_FLIGHT:
+            await attempts_store.update_attempt(conn, current.id, state="cancelled", finished_at=now(),
                                       error="the LoRA was archived")
             await cancels_store.request_cancel(conn, current, "the LoRA was archived")
-        if lora.status in work.ACTIVE_LORA and not accepted:
-            await teams_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_training",
+        if lora.status in loras_store.ACTIVE_LORA and not accepted:
+            await ledger_store.refund(conn, lora.team_id, ref=lora.id, charge_kind="lora_training",
                                      reason="LoRA archived before training began")
     log.info("lora_archived", lora_id=lora.id, previous_status=lora.status)
     gw.wake()
-    if lora.status in work.ACTIVE_LORA:
+    if lora.status in loras_store.ACTIVE_LORA:
         await cleanup_work(gw, lora.id)
 
 

@@ -38,8 +38,10 @@ from gateway.engine.errors import LeaseLost
 from gateway.engine.jobs import GENERATION
 from gateway.engine.loras import TRAINING
 from gateway.services.idempotency import TTL_S as IDEMPOTENCY_TTL_S
+from gateway.store import deliveries as deliveries_store
+from gateway.store import idempotency as idempotency_store
+from gateway.store import queue as queue_store
 from gateway.store import cancels as cancels_store
-from gateway.store import durability, work
 from gateway.store import workers as workers_store
 from gateway.store.cancels import CancelRequest
 from gateway.timeutil import now
@@ -177,8 +179,8 @@ class Engine:
         """Due rows for per-row steps (polls excepted: see _poll_loop)."""
         lease = self.gw.settings.engine.lease_s
         async with self.gw.db.tx() as conn:
-            jobs_due = await work.claim_due(conn, "job", owner=self.owner, lease_s=lease, limit=limit, skip_stage="poll")
-            loras_due = await work.claim_due(conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(jobs_due),
+            jobs_due = await queue_store.claim_due(conn, "job", owner=self.owner, lease_s=lease, limit=limit, skip_stage="poll")
+            loras_due = await queue_store.claim_due(conn, "lora", owner=self.owner, lease_s=lease, limit=limit - len(jobs_due),
                                              skip_stage="poll")
         return [("job", j) for j in jobs_due] + [("lora", lo) for lo in loras_due]
 
@@ -250,7 +252,7 @@ class Engine:
             async with self.gw.db.tx() as conn:
                 batches = {}
                 for kind in ("job", "lora"):
-                    batches[kind] = await work.claim_due(conn, kind, owner=self.owner, lease_s=e.lease_s,
+                    batches[kind] = await queue_store.claim_due(conn, kind, owner=self.owner, lease_s=e.lease_s,
                                                          limit=POLL_BATCH, only_stage="poll", at=now() + lookahead)
             for kind, rows in batches.items():
                 if rows:
@@ -283,13 +285,13 @@ class Engine:
             until = now() + e.lease_s
             async with self.gw.db.tx() as conn:
                 if self._leased:
-                    await work.renew_leases(conn, self.owner, until, list(self._leased))
+                    await queue_store.renew_leases(conn, self.owner, until, list(self._leased))
                 if self._cancelling:
                     await cancels_store.renew_cancel_leases(conn, self.owner, until, list(self._cancelling))
                 await workers_store.beat(conn, self.owner, host=socket.gethostname(), pid=os.getpid(),
                                          started_at=self.started_at)
                 if time.monotonic() - purged_at > PURGE_EVERY_S:
-                    purged = await durability.idempotency_purge(conn, older_than=now() - IDEMPOTENCY_TTL_S)
+                    purged = await idempotency_store.idempotency_purge(conn, older_than=now() - IDEMPOTENCY_TTL_S)
                     await workers_store.purge(conn, before=now() - 86_400)
                     purged_at = time.monotonic()
                     if purged:
@@ -301,9 +303,9 @@ class Engine:
     async def _release_all(self) -> None:
         try:
             async with self.gw.db.tx() as conn:
-                await work.release_owner(conn, self.owner)
+                await queue_store.release_owner(conn, self.owner)
                 await cancels_store.release_cancels(conn, self.owner)
-                await durability.release_deliveries(conn, self.owner)
+                await deliveries_store.release_deliveries(conn, self.owner)
                 await workers_store.remove(conn, self.owner)
         except Exception:  # the database may already be closed on a hard stop
             log.warning("lease_release_failed", owner=self.owner, exc_info=True)

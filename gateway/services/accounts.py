@@ -11,6 +11,7 @@ from gateway.authcache import AuthCache
 from gateway.config import ConfigError, RouteSettings, check_route
 from gateway.errors import Forbidden, NotFound, RateLimited, Unauthorized, ValidationFailed
 from gateway.keys import display_prefix, generate_key, key_digest
+from gateway.store import ledger as ledger_store
 from gateway.store import teams as teams_store
 from gateway.store.db import Database
 from gateway.store.models import ApiKey, Principal, Team
@@ -122,8 +123,8 @@ async def add_credits(db: Database, team_id: str, amount: int, reason: str) -> T
         if await teams_store.get_team(conn, team_id) is None:
             raise NotFound(f"no team {team_id}")
         try:
-            await teams_store.apply_credits(conn, team_id, amount, reason=reason, ref=new_id(), kind="grant" if amount >= 0 else "debit")
-        except teams_store.InsufficientBalance as e:
+            await ledger_store.apply_credits(conn, team_id, amount, reason=reason, ref=new_id(), kind="grant" if amount >= 0 else "debit")
+        except ledger_store.InsufficientBalance as e:
             raise Forbidden(f"the balance is {e.available}; cannot remove {e.required}") from None
         team = await teams_store.get_team(conn, team_id)
     assert team is not None

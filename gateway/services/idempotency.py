@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import aiosqlite
+from gateway.store.base import Connection
 import msgspec
 
 from gateway.errors import Conflict, ValidationFailed
-from gateway.store import durability
-from gateway.store.durability import IdempotencyRecord
+from gateway.store import idempotency as idempotency_store
+from gateway.store.idempotency import IdempotencyRecord
 from gateway.timeutil import now
 
 HEADER = "idempotency-key"
@@ -34,11 +34,11 @@ def digest(value: Any) -> str:
     return hashlib.sha256(msgspec.json.encode(msgspec.to_builtins(value), order="sorted")).hexdigest()
 
 
-async def lookup(conn: aiosqlite.Connection, team_id: str, key: str, route: str, request_digest: str | None) -> str | None:
+async def lookup(conn: Connection, team_id: str, key: str, route: str, request_digest: str | None) -> str | None:
     """The id of the object an earlier request with this key created, or None.
 
     With ``request_digest`` None only existence is checked (before the body is read)."""
-    rec = await durability.idempotency_get(conn, team_id, key, newer_than=now() - TTL_S)
+    rec = await idempotency_store.idempotency_get(conn, team_id, key, newer_than=now() - TTL_S)
     if rec is None:
         return None
     if request_digest is not None and (rec.route != route or rec.request_digest != request_digest):
@@ -46,7 +46,7 @@ async def lookup(conn: aiosqlite.Connection, team_id: str, key: str, route: str,
     return rec.object_id
 
 
-async def remember(conn: aiosqlite.Connection, team_id: str, key: str, route: str, request_digest: str, object_id: str) -> None:
-    await durability.idempotency_put(conn, IdempotencyRecord(
+async def remember(conn: Connection, team_id: str, key: str, route: str, request_digest: str, object_id: str) -> None:
+    await idempotency_store.idempotency_put(conn, IdempotencyRecord(
         team_id=team_id, key=key, route=route, request_digest=request_digest, object_id=object_id, created_at=now(),
     ))

@@ -14,8 +14,9 @@ from gateway.engine.jobs import CREDITS_PER_IMAGE
 from gateway.services import idempotency
 from gateway.services.loras import check_webhook_url
 from gateway.errors import InsufficientCredits, NotFound, ValidationFailed, split_validation_error
-from gateway.store import teams as teams_store
-from gateway.store import work
+from gateway.store import jobs as jobs_store
+from gateway.store import ledger as ledger_store
+from gateway.store import loras as loras_store
 from gateway.store.models import Job, Principal
 from gateway.timeutil import is_uuid, new_id, now
 
@@ -115,7 +116,7 @@ async def create(
     await check_webhook_url(gw, req.webhookUrl)
     lora_id = params.loraId.lower()
     async with gw.db.read() as conn:
-        status = await work.lora_status(conn, lora_id, principal.team_id)
+        status = await loras_store.lora_status(conn, lora_id, principal.team_id)
     if status is None:  # another team's LoRA reads exactly like a missing one
         raise ValidationFailed.at("fluxLoraParams.loraId", "LoRA not found")
     if status != "READY":
@@ -137,10 +138,10 @@ async def create(
             if earlier is not None:
                 return await _existing(conn, earlier), True
         try:
-            await teams_store.apply_credits(conn, principal.team_id, -cost, reason="image generation", ref=job_id, kind="job")
-        except teams_store.InsufficientBalance as e:
+            await ledger_store.apply_credits(conn, principal.team_id, -cost, reason="image generation", ref=job_id, kind="job")
+        except ledger_store.InsufficientBalance as e:
             raise InsufficientCredits(cost, e.available) from None
-        await work.insert_job(conn, **fields)
+        await jobs_store.insert_job(conn, **fields)
         if idempotency_key:
             await idempotency.remember(conn, principal.team_id, idempotency_key, ROUTE, request_digest, job_id)
     job = Job(**fields, error=None, lease_owner=None, lease_expires=None, attempts_used=0, started_at=None,
@@ -151,7 +152,7 @@ async def create(
 
 
 async def _existing(conn, job_id: str) -> Job:
-    job = await work.get_job(conn, job_id)
+    job = await jobs_store.get_job(conn, job_id)
     assert job is not None, "an idempotency record points at a missing job"
     return job
 
@@ -160,7 +161,7 @@ async def get(gw: Gateway, principal: Principal, job_id: str) -> Job:
     if not is_uuid(job_id):
         raise ValidationFailed.at("id", "Must be a UUID")
     async with gw.db.read() as conn:
-        job = await work.get_job(conn, job_id.lower(), principal.team_id)
+        job = await jobs_store.get_job(conn, job_id.lower(), principal.team_id)
     if job is None:
         raise NotFound("Job not found")
     return job
@@ -183,12 +184,12 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 async def list_page(gw: Gateway, principal: Principal, q: dict[str, Any]) -> tuple[list[Job], str | None, list[str] | None]:
     async with gw.db.read() as conn:
-        items = await work.list_jobs(
+        items = await jobs_store.list_jobs(
             conn, principal.team_id, limit=q["limit"] + 1, cursor=q["cursor"],
             user_id=principal.user_id if q["scope"] == "user" else None,
             status=q["status"], model=q["model"], search=q["search"],
         )
-        models = await work.job_models(conn, principal.team_id) if q["include_models"] else None
+        models = await jobs_store.job_models(conn, principal.team_id) if q["include_models"] else None
     more = len(items) > q["limit"]
     items = items[: q["limit"]]
     return items, (encode_cursor(items[-1]) if more and items else None), models

@@ -12,8 +12,9 @@ from gateway.engine import loras as lora_engine
 from gateway.netsafety import UnsafeUrl
 from gateway.errors import InsufficientCredits, NotFound, RateLimited, ValidationFailed
 from gateway.services import idempotency
+from gateway.store import ledger as ledger_store
+from gateway.store import loras as loras_store
 from gateway.store import teams as teams_store
-from gateway.store import work
 from gateway.store.models import Lora, Principal
 from gateway.timeutil import is_uuid, new_id, now
 from gateway.triggers import generate_trigger_word
@@ -98,7 +99,7 @@ async def precheck_create(gw: Gateway, principal: Principal) -> None:
     """Cheap checks before the upload is read: the cap and the create fee (checked again after)."""
     async with gw.db.read() as conn:
         team = await teams_store.get_team(conn, principal.team_id)
-        active = await work.count_active_trainings(conn, principal.team_id)
+        active = await loras_store.count_active_trainings(conn, principal.team_id)
     assert team is not None
     _check_cap(active, team.max_concurrent_trainings)
     if team.credits < CREATE_FEE:
@@ -177,12 +178,12 @@ async def _insert(conn: Any, principal: Principal, lora_id: str, form: LoraForm,
                   preferred: str | None = None) -> Lora:
     team = await teams_store.get_team(conn, principal.team_id)
     assert team is not None
-    _check_cap(await work.count_active_trainings(conn, team.id), team.max_concurrent_trainings)
+    _check_cap(await loras_store.count_active_trainings(conn, team.id), team.max_concurrent_trainings)
     word = generate_trigger_word()
-    while await work.trigger_word_taken(conn, word):
+    while await loras_store.trigger_word_taken(conn, word):
         word = generate_trigger_word()
     ts = now()
-    await work.insert_lora(
+    await loras_store.insert_lora(
         conn, id=lora_id, team_id=team.id, user_id=principal.user_id, key_id=principal.key.id,
         name=form.name, subject_kind=form.subject_kind, gender=form.gender, ethnicity=form.ethnicity,
         age=form.age, status="PENDING", image_count=image_count, steps=form.steps,
@@ -191,16 +192,16 @@ async def _insert(conn: Any, principal: Principal, lora_id: str, form: LoraForm,
         preferred_provider=preferred,
     )
     try:
-        await teams_store.apply_credits(conn, team.id, -CREATE_FEE, reason="LoRA create", ref=lora_id, kind="lora_create")
-    except teams_store.InsufficientBalance as e:
+        await ledger_store.apply_credits(conn, team.id, -CREATE_FEE, reason="LoRA create", ref=lora_id, kind="lora_create")
+    except ledger_store.InsufficientBalance as e:
         raise InsufficientCredits(e.required, e.available) from None
-    lora = await work.get_lora(conn, lora_id)
+    lora = await loras_store.get_lora(conn, lora_id)
     assert lora is not None
     return lora
 
 
 async def _existing(conn: Any, lora_id: str) -> Lora:
-    lora = await work.get_lora(conn, lora_id)
+    lora = await loras_store.get_lora(conn, lora_id)
     assert lora is not None, "an idempotency record points at a missing LoRA"
     return lora
 
@@ -220,7 +221,7 @@ def check_id(lora_id: str) -> None:
 async def get(gw: Gateway, principal: Principal, lora_id: str) -> Lora:
     check_id(lora_id)
     async with gw.db.read() as conn:
-        lora = await work.get_lora(conn, lora_id.lower(), principal.team_id)
+        lora = await loras_store.get_lora(conn, lora_id.lower(), principal.team_id)
     if lora is None:
         raise NotFound("LoRA not found")
     return lora
@@ -230,7 +231,7 @@ async def list_page(
     gw: Gateway, principal: Principal, *, limit: int, cursor: str | None, include_archived: bool
 ) -> tuple[list[Lora], str | None]:
     async with gw.db.read() as conn:
-        items = await work.list_loras(conn, principal.team_id, limit=limit + 1, cursor=cursor, include_archived=include_archived)
+        items = await loras_store.list_loras(conn, principal.team_id, limit=limit + 1, cursor=cursor, include_archived=include_archived)
     more = len(items) > limit
     items = items[:limit]
     return items, (items[-1].id if more and items else None)

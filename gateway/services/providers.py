@@ -11,7 +11,7 @@ from gateway.context import Gateway
 from gateway.engine.attempts import IN_FLIGHT
 from gateway.errors import ValidationFailed
 from gateway.health import OPERATIONS
-from gateway.store import work
+from gateway.store import attempts as attempts_store
 from gateway.store.models import Attempt, Principal
 from gateway.timeutil import iso, now
 
@@ -52,7 +52,7 @@ async def listing(gw: Gateway, minutes: int = 15) -> list[dict[str, Any]]:
     success rate and latency of its calls (every process's), and its attempts in flight."""
     recent = await gw.health.recent(minutes)
     async with gw.db.read() as conn:
-        inflight = await work.attempts_in_flight(conn, IN_FLIGHT)
+        inflight = await attempts_store.attempts_in_flight(conn, IN_FLIGHT)
     out = []
     for name, p in gw.providers.items():
         health = {}
@@ -84,7 +84,7 @@ def attempt_view(a: Attempt) -> dict[str, Any]:
 
 async def attempts(gw: Gateway, principal: Principal, kind: str, owner_id: str) -> list[dict[str, Any]]:
     async with gw.db.read() as conn:
-        return [attempt_view(a) for a in await work.attempts_for(conn, kind, owner_id)]
+        return [attempt_view(a) for a in await attempts_store.attempts_for(conn, kind, owner_id)]
 
 
 def _period_start(period: str, t: float) -> float:
@@ -99,7 +99,7 @@ async def usage(gw: Gateway, principal: Principal, *, period: str, since: float 
     ``period`` (day or month, UTC), from ``since`` (default: the start of the current period)."""
     start = since if since is not None else _period_start(period, now())
     async with gw.db.read() as conn:
-        rows = await work.team_usage(conn, principal.team_id, since=start)
+        rows = await attempts_store.team_usage(conn, principal.team_id, since=start)
     buckets: dict[tuple[str, str, str], dict[str, Any]] = {}
     for provider, kind, currency, submitted_at, cost in rows:
         label = time.strftime("%Y-%m" if period == "month" else "%Y-%m-%d", time.gmtime(submitted_at))

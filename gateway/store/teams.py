@@ -1,28 +1,19 @@
-"""Teams, users, API keys and the credit ledger."""
+"""Teams, users and API keys."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import aiosqlite
 import msgspec
 
-from gateway.store.models import ApiKey, LedgerEntry, Team, User, row_to
+from gateway.store.base import Connection
+from gateway.store.ledger import apply_credits
+from gateway.store.models import ApiKey, Team, User, row_to
 from gateway.timeutil import new_id, now
 
 
-class InsufficientBalance(Exception):
-    def __init__(self, required: int, available: int) -> None:
-        super().__init__(f"requires {required}, has {available}")
-        self.required = required
-        self.available = available
-
-
-# --------------------------------------------------------------------------- teams / users
-
-
 async def create_team(
-    conn: aiosqlite.Connection, *, name: str, credits: int = 0, max_concurrent_trainings: int = 10
+    conn: Connection, *, name: str, credits: int = 0, max_concurrent_trainings: int = 10
 ) -> Team:
     team_id = new_id()
     await conn.execute(
@@ -35,18 +26,15 @@ async def create_team(
     assert team is not None
     return team
 
-
-async def get_team(conn: aiosqlite.Connection, team_id: str) -> Team | None:
+async def get_team(conn: Connection, team_id: str) -> Team | None:
     rows = list(await conn.execute_fetchall("SELECT * FROM teams WHERE id = ?", (team_id,)))
     return row_to(Team, rows[0]) if rows else None
 
-
-async def list_teams(conn: aiosqlite.Connection) -> list[Team]:
+async def list_teams(conn: Connection) -> list[Team]:
     return [row_to(Team, r) for r in await conn.execute_fetchall("SELECT * FROM teams ORDER BY created_at")]
 
-
 async def set_team_limits(
-    conn: aiosqlite.Connection,
+    conn: Connection,
     team_id: str,
     *,
     max_concurrent_trainings: int | None = None,
@@ -61,20 +49,17 @@ async def set_team_limits(
     )
     return cur.rowcount == 1
 
-
-async def team_routing(conn: aiosqlite.Connection, team_id: str) -> dict[str, Any] | None:
+async def team_routing(conn: Connection, team_id: str) -> dict[str, Any] | None:
     """A team's own routes as stored (``{"training": {...}, "inference": {...}}``), or None."""
     rows = list(await conn.execute_fetchall("SELECT routing FROM teams WHERE id = ?", (team_id,)))
     return msgspec.json.decode(rows[0][0]) if rows and rows[0][0] else None
 
-
-async def set_team_routing(conn: aiosqlite.Connection, team_id: str, routing: dict[str, Any] | None) -> bool:
+async def set_team_routing(conn: Connection, team_id: str, routing: dict[str, Any] | None) -> bool:
     cur = await conn.execute("UPDATE teams SET routing = ? WHERE id = ?",
                              (msgspec.json.encode(routing).decode() if routing else None, team_id))
     return cur.rowcount == 1
 
-
-async def create_user(conn: aiosqlite.Connection, *, team_id: str, email: str | None, role: str = "owner") -> User:
+async def create_user(conn: Connection, *, team_id: str, email: str | None, role: str = "owner") -> User:
     user_id = new_id()
     await conn.execute(
         "INSERT INTO users (id, team_id, email, role, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -82,13 +67,11 @@ async def create_user(conn: aiosqlite.Connection, *, team_id: str, email: str | 
     )
     return User(id=user_id, team_id=team_id, email=email, role=role)
 
-
-async def get_user(conn: aiosqlite.Connection, user_id: str) -> User | None:
+async def get_user(conn: Connection, user_id: str) -> User | None:
     rows = list(await conn.execute_fetchall("SELECT id, team_id, email, role FROM users WHERE id = ?", (user_id,)))
     return row_to(User, rows[0]) if rows else None
 
-
-async def team_owner(conn: aiosqlite.Connection, team_id: str) -> User | None:
+async def team_owner(conn: Connection, team_id: str) -> User | None:
     rows = list(
         await conn.execute_fetchall(
             "SELECT id, team_id, email, role FROM users WHERE team_id = ? ORDER BY created_at LIMIT 1", (team_id,)
@@ -96,12 +79,8 @@ async def team_owner(conn: aiosqlite.Connection, team_id: str) -> User | None:
     )
     return row_to(User, rows[0]) if rows else None
 
-
-# --------------------------------------------------------------------------- keys
-
-
 async def insert_key(
-    conn: aiosqlite.Connection, *, team_id: str, user_id: str, name: str, prefix: str, digest: bytes
+    conn: Connection, *, team_id: str, user_id: str, name: str, prefix: str, digest: bytes
 ) -> ApiKey:
     key_id = new_id()
     ts = now()
@@ -115,8 +94,7 @@ async def insert_key(
         active=True, created_at=ts, revoked_at=None,
     )
 
-
-async def key_with_team_limit(conn: aiosqlite.Connection, digest: bytes) -> tuple[ApiKey, int | None] | None:
+async def key_with_team_limit(conn: Connection, digest: bytes) -> tuple[ApiKey, int | None] | None:
     """The key for a digest plus its team's rate-limit override, in one query (the auth path)."""
     rows = list(
         await conn.execute_fetchall(
@@ -131,70 +109,20 @@ async def key_with_team_limit(conn: aiosqlite.Connection, digest: bytes) -> tupl
     team_rate = data.pop("team_rate")
     return row_to(ApiKey, data), team_rate
 
-
-async def key_by_id(conn: aiosqlite.Connection, key_id: str) -> ApiKey | None:
+async def key_by_id(conn: Connection, key_id: str) -> ApiKey | None:
     rows = list(await conn.execute_fetchall("SELECT * FROM api_keys WHERE id = ?", (key_id,)))
     return row_to(ApiKey, rows[0]) if rows else None
 
-
-async def list_keys(conn: aiosqlite.Connection, team_id: str) -> list[ApiKey]:
+async def list_keys(conn: Connection, team_id: str) -> list[ApiKey]:
     rows = await conn.execute_fetchall("SELECT * FROM api_keys WHERE team_id = ? ORDER BY created_at", (team_id,))
     return [row_to(ApiKey, r) for r in rows]
 
-
-async def revoke_key(conn: aiosqlite.Connection, key_id: str) -> bool:
+async def revoke_key(conn: Connection, key_id: str) -> bool:
     cur = await conn.execute(
         "UPDATE api_keys SET active = 0, revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now(), key_id)
     )
     return cur.rowcount == 1
 
-
-async def set_key_active(conn: aiosqlite.Connection, key_id: str, active: bool) -> bool:
+async def set_key_active(conn: Connection, key_id: str, active: bool) -> bool:
     cur = await conn.execute("UPDATE api_keys SET active = ? WHERE id = ?", (int(active), key_id))
     return cur.rowcount == 1
-
-
-# --------------------------------------------------------------------------- credits
-
-
-async def apply_credits(
-    conn: aiosqlite.Connection, team_id: str, amount: int, *, reason: str, ref: str, kind: str
-) -> bool:
-    """Append one ledger entry and move the balance, in the caller's transaction.
-
-    Returns False (and changes nothing) when an entry with this ``(ref, kind)`` already exists,
-    so a charge or refund can never happen twice. Raises InsufficientBalance, having written
-    nothing, when a debit would take the balance below zero: the balance is checked (and
-    moved) before the ledger row is written.
-    """
-    rows = list(await conn.execute_fetchall("SELECT 1 FROM ledger WHERE ref = ? AND kind = ?", (ref, kind)))
-    if rows:  # already applied (checked first: a repeat must never be refused for the balance)
-        return False
-    cur = await conn.execute(
-        "UPDATE teams SET credits = credits + ? WHERE id = ? AND credits + ? >= 0", (amount, team_id, amount)
-    )
-    if cur.rowcount == 0:
-        team = await get_team(conn, team_id)
-        raise InsufficientBalance(-amount, team.credits if team else 0)
-    await conn.execute(
-        "INSERT INTO ledger (team_id, amount, reason, ref, kind, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (team_id, amount, reason, ref, kind, now()),
-    )
-    return True
-
-
-async def refund(conn: aiosqlite.Connection, team_id: str, *, ref: str, charge_kind: str, reason: str) -> bool:
-    """Refund a charge in full, once. No charge, or already refunded: nothing happens."""
-    rows = list(
-        await conn.execute_fetchall("SELECT amount FROM ledger WHERE ref = ? AND kind = ?", (ref, charge_kind))
-    )
-    if not rows or rows[0][0] >= 0:
-        return False
-    return await apply_credits(conn, team_id, -rows[0][0], reason=reason, ref=ref, kind=f"{charge_kind}_refund")
-
-
-async def ledger_for(conn: aiosqlite.Connection, team_id: str, limit: int = 1000) -> list[LedgerEntry]:
-    rows = await conn.execute_fetchall(
-        "SELECT * FROM ledger WHERE team_id = ? ORDER BY id LIMIT ?", (team_id, limit)
-    )
-    return [row_to(LedgerEntry, r) for r in rows]

@@ -1,23 +1,15 @@
-"""Idempotency keys and outbound webhook deliveries."""
+"""Outbound webhook deliveries: one row per delivery, leased while it is being sent, and a log
+of every try."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, NamedTuple
 
-import aiosqlite
 import msgspec
 
+from gateway.store.base import Connection
 from gateway.store.models import row_to
 from gateway.timeutil import now
-
-
-class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
-    team_id: str
-    key: str
-    route: str
-    request_digest: str
-    object_id: str
-    created_at: float
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,7 +35,6 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     #: replays asked for so far (see replay_delivery)
     replays: int = 0
 
-
 class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True):
     delivery_id: str
     attempt: int
@@ -52,41 +43,7 @@ class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
     duration_ms: int
 
-
-# --------------------------------------------------------------------------- idempotency
-
-
-async def idempotency_get(conn: aiosqlite.Connection, team_id: str, key: str, *, newer_than: float) -> IdempotencyRecord | None:
-    rows = list(
-        await conn.execute_fetchall(
-            "SELECT * FROM idempotency WHERE team_id = ? AND key = ? AND created_at > ?", (team_id, key, newer_than)
-        )
-    )
-    return row_to(IdempotencyRecord, rows[0]) if rows else None
-
-
-async def idempotency_put(conn: aiosqlite.Connection, rec: IdempotencyRecord) -> None:
-    """Insert, replacing an expired record of the same key."""
-    await conn.execute(
-        """INSERT INTO idempotency (team_id, key, route, request_digest, object_id, created_at)
-           VALUES (?, ?, ?, ?, ?, ?)
-           ON CONFLICT (team_id, key) DO UPDATE SET route = excluded.route,
-             request_digest = excluded.request_digest, object_id = excluded.object_id,
-             created_at = excluded.created_at""",
-        (rec.team_id, rec.key, rec.route, rec.request_digest, rec.object_id, rec.created_at),
-    )
-
-
-async def idempotency_purge(conn: aiosqlite.Connection, *, older_than: float) -> int:
-    """Delete records created before ``older_than`` (they no longer answer replays)."""
-    cur = await conn.execute("DELETE FROM idempotency WHERE created_at < ?", (older_than,))
-    return cur.rowcount
-
-
-# --------------------------------------------------------------------------- deliveries
-
-
-async def insert_delivery(conn: aiosqlite.Connection, d: Delivery) -> bool:
+async def insert_delivery(conn: Connection, d: Delivery) -> bool:
     """Queue a delivery; an identical one (same dedup key) already queued is kept instead."""
     data = {k: getattr(d, k) for k in Delivery.__struct_fields__}
     cols = ", ".join(data)
@@ -96,14 +53,12 @@ async def insert_delivery(conn: aiosqlite.Connection, d: Delivery) -> bool:
     )
     return cur.rowcount == 1
 
-
-async def get_delivery(conn: aiosqlite.Connection, delivery_id: str) -> Delivery | None:
+async def get_delivery(conn: Connection, delivery_id: str) -> Delivery | None:
     rows = list(await conn.execute_fetchall("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)))
     return row_to(Delivery, rows[0]) if rows else None
 
-
 async def list_deliveries(
-    conn: aiosqlite.Connection, team_id: str, *, status: str | None = None, limit: int = 100
+    conn: Connection, team_id: str, *, status: str | None = None, limit: int = 100
 ) -> list[Delivery]:
     sql = "SELECT * FROM deliveries WHERE team_id = ?"
     args: list[Any] = [team_id]
@@ -114,16 +69,14 @@ async def list_deliveries(
     args.append(limit)
     return [row_to(Delivery, r) for r in await conn.execute_fetchall(sql, args)]
 
-
-async def delivery_attempts(conn: aiosqlite.Connection, delivery_id: str) -> list[DeliveryAttempt]:
+async def delivery_attempts(conn: Connection, delivery_id: str) -> list[DeliveryAttempt]:
     rows = await conn.execute_fetchall(
         "SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY attempt", (delivery_id,)
     )
     return [row_to(DeliveryAttempt, r) for r in rows]
 
-
 async def claim_deliveries(
-    conn: aiosqlite.Connection, *, owner: str, lease_s: float, limit: int, exclude: Iterable[str] = ()
+    conn: Connection, *, owner: str, lease_s: float, limit: int, exclude: Iterable[str] = ()
 ) -> list[str]:
     """Lease up to ``limit`` due deliveries that nobody holds (or whose holder's lease ran out),
     except those in ``exclude`` (the claimer's own deliveries in flight: their leases are kept
@@ -140,7 +93,6 @@ async def claim_deliveries(
     )
     return [r[0] for r in rows]
 
-
 class RecordedAttempt(NamedTuple):
     attempt: int
     #: what the delivery became: ``delivered`` | ``failed`` | ``pending`` (retry later) |
@@ -148,9 +100,8 @@ class RecordedAttempt(NamedTuple):
     #: longer held the lease, so only the attempt was logged)
     outcome: str | None
 
-
 async def record_delivery_attempt(
-    conn: aiosqlite.Connection, d: Delivery, *, owner: str, status_code: int | None, error: str | None,
+    conn: Connection, d: Delivery, *, owner: str, status_code: int | None, error: str | None,
     duration_ms: int, outcome: str, next_try_at: float,
 ) -> RecordedAttempt:
     """Log one try (always: the try happened) and, if ``owner`` still holds the lease, move the
@@ -180,8 +131,7 @@ async def record_delivery_attempt(
         return RecordedAttempt(attempt, None)
     return RecordedAttempt(attempt, outcome if rows[0][0] == d.replays else "replayed")
 
-
-async def replay_delivery(conn: aiosqlite.Connection, delivery_id: str, team_id: str) -> bool:
+async def replay_delivery(conn: Connection, delivery_id: str, team_id: str) -> bool:
     """Make a delivery pending and due now (its id stays). A lease is left alone: a try in
     flight still records its attempt, and, seeing ``replays`` moved, leaves the delivery due."""
     cur = await conn.execute(
@@ -190,14 +140,12 @@ async def replay_delivery(conn: aiosqlite.Connection, delivery_id: str, team_id:
     )
     return cur.rowcount == 1
 
-
-async def release_deliveries(conn: aiosqlite.Connection, owner: str) -> None:
+async def release_deliveries(conn: Connection, owner: str) -> None:
     await conn.execute(
         "UPDATE deliveries SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?", (owner,)
     )
 
-
-async def renew_delivery_leases(conn: aiosqlite.Connection, owner: str, until: float, *, ids: Iterable[str]) -> None:
+async def renew_delivery_leases(conn: Connection, owner: str, until: float, *, ids: Iterable[str]) -> None:
     """Extend ``owner``'s leases on the deliveries it is sending now (only those)."""
     ids = list(ids)
     for i in range(0, len(ids), 500):
