@@ -13,7 +13,7 @@ from gateway.config import ConfigError, RouteSettings, Settings, load_settings
 from gateway.errors import GatewayError
 from gateway.logging import configure_logging
 from gateway.services import accounts
-from gateway.store.db import Database
+from gateway.store.db import Database, MigrationsPending, SchemaTooNew, database_for
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -39,8 +39,8 @@ def _replace(settings: Settings, **kw: Any) -> Settings:
 
 
 async def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[Any]]) -> Any:
-    db = Database(settings.database_path, busy_timeout_ms=settings.database.busy_timeout_ms, read_connections=1)
-    await db.open()
+    db = database_for(settings, read_connections=1)
+    await db.open(migrate=settings.database.migrate == "auto")
     try:
         return await fn(db)
     finally:
@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as e:
         print(f"lora-gateway: config error: {e}", file=sys.stderr)
+        return 2
+    except (SchemaTooNew, MigrationsPending) as e:
+        print(f"lora-gateway: {e}", file=sys.stderr)
         return 2
     except GatewayError as e:
         print(f"lora-gateway: {e.message}", file=sys.stderr)

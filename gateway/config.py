@@ -50,8 +50,19 @@ class ServerSettings(_Base):
 
 
 class DatabaseSettings(_Base):
+    #: which database: unset (or ``sqlite:///PATH``) is SQLite, the embedded default, at
+    #: ``path``; ``postgresql://USER:PASSWORD@HOST:PORT/DB`` is PostgreSQL, which several
+    #: replicas (on several machines) may share
+    url: str | None = None
     #: SQLite file; relative paths are relative to ``data_dir``
     path: str = "gateway.sqlite3"
+    #: ``auto``: a process brings the schema up to date when it starts (replicas take turns);
+    #: ``check``: it refuses to start while migrations are pending (run ``lora-gateway migrate``)
+    migrate: Literal["auto", "check"] = "auto"
+    #: PostgreSQL: connections per process (API requests and the engine share them)
+    pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 10
+    #: PostgreSQL: a statement running longer is cancelled (a stuck lock cannot hang a request)
+    statement_timeout_ms: PosInt = 30_000
     busy_timeout_ms: PosInt = 10_000
     #: reads run on the event loop through a plain sqlite3 connection (every read is a short
     #: indexed lookup: cheaper than a hop to a database thread); false: a pool of threaded readers
@@ -239,8 +250,17 @@ class Settings(_Base):
 
     @property
     def database_path(self) -> Path:
-        p = Path(self.database.path).expanduser()
+        """The SQLite file (``database.url`` as ``sqlite:///PATH``, else ``database.path``)."""
+        url = self.database.url
+        raw = url[len("sqlite:///"):] if url and url.startswith("sqlite:///") else self.database.path
+        p = Path(raw).expanduser()
         return p if p.is_absolute() else self.data_path / p
+
+    @property
+    def database_backend(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        url = self.database.url or ""
+        return "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -313,6 +333,9 @@ def _check_consistency(s: Settings, source: str) -> None:
             raise ConfigError(f"{source}: provider instance name `{name}`: letters, digits, `_`, `.` and `-` only")
     for op in ("training", "inference"):
         check_route(getattr(s.routing, op), s.providers, f"{source}: `routing.{op}")
+    url = s.database.url
+    if url is not None and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(f"{source}: `database.url` must start with sqlite:/// or postgresql://")
     if s.server.public_base_url is not None and not re.match(r"^https?://", s.server.public_base_url):
         raise ConfigError(f"{source}: `server.public_base_url` must start with http:// or https://")
 

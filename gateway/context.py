@@ -30,7 +30,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.signing import UrlSigner
 from gateway.store import meta as meta_store
 from gateway.store import teams as teams_store
-from gateway.store.db import Database
+from gateway.store.db import Database, database_for
 from gateway.uploads import UploadLimits
 from plugins import manager as plugin_manager
 from plugins.captioners.base import Captioner
@@ -177,14 +177,8 @@ async def open_gateway(
     fallback = make_captioner("template")
     captioner = fallback if settings.datasets.captioner == "template" else make_captioner(settings.datasets.captioner)
 
-    db = Database(
-        settings.database_path,
-        busy_timeout_ms=settings.database.busy_timeout_ms,
-        read_connections=settings.database.read_connections,
-        inline_reads=settings.database.inline_reads,
-        inline_writes=settings.database.inline_writes,
-    )
-    await db.open()
+    db = database_for(settings)
+    await db.open(migrate=settings.database.migrate == "auto")
     image_workers = ImageWorkers(settings.engine.image_workers or max(1, (os.cpu_count() or 2) // 2),
                                  nice=settings.engine.image_nice)
     providers: dict[str, Provider] = {}

@@ -220,7 +220,7 @@ class Deliverer:
                 continue
             try:
                 async with self.db.tx() as conn:
-                    await deliveries_store.renew_delivery_leases(conn, self.owner, now() + self.lease_s, ids=ids)
+                    await deliveries_store.renew_delivery_leases(conn, self.owner, self.lease_s, ids=ids)
             except Exception:
                 log.exception("webhook_loop_failed", owner=self.owner, stage="renew_leases")
 

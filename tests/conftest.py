@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
@@ -168,14 +171,88 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return settings_from_mapping(fast_config(tmp_path, **overrides), env={})
 
 
+# --------------------------------------------------------------------------- backends
+#
+# Tests that use ``make_api`` (or ``api``) in the modules below run twice: on SQLite and on a
+# real PostgreSQL that the session starts itself (tests/pgserver.py), each test on a database of
+# its own (a copy of a migrated template). Together they call every store function; the store
+# conformance suite (test_store.py) runs on both as well. A test that reaches into the SQLite
+# file itself is marked ``sqlite_only``.
+
+BOTH_BACKENDS = {
+    "test_api_auth", "test_api_jobs", "test_api_loras", "test_callbacks", "test_engine", "test_engine_findings",
+    "test_flow", "test_idempotency", "test_provider_endpoints", "test_routing", "test_triggers", "test_webhooks",
+    "test_webhook_delivery", "test_datasets", "test_health",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: runs on the SQLite backend only (it reaches into the file)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames or "backend" in getattr(metafunc, "_parametrized_backend", ()):
+        return
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in BOTH_BACKENDS and metafunc.definition.get_closest_marker("sqlite_only") is None:
+        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def make_api(tmp_path: Path) -> Callable[..., Any]:
+def backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` (the default) or ``postgresql``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One throwaway PostgreSQL server for the session, on a RAM disk where there is one, with a
+    template database already migrated."""
+    from tests.pgserver import PgServer
+
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1 << 30 else None
+    with PgServer(base_dir=base) as server:
+        server.create_database(PG_TEMPLATE)
+        asyncio.run(_migrate(server.dsn(PG_TEMPLATE)))
+        yield server
+
+
+PG_TEMPLATE = "lgw_template"
+
+
+async def _migrate(url: str) -> None:
+    from gateway.store.postgres import PostgresDatabase
+
+    db = PostgresDatabase(url, pool_size=2)
+    await db.open()
+    await db.close()
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The test's own database: None for SQLite (a file in the test's data dir), else a fresh
+    PostgreSQL database copied from the migrated template."""
+    if backend != "postgresql":
+        yield None
+        return
+    server = request.getfixturevalue("pg_server")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = server.create_database(name, template=PG_TEMPLATE)
+    yield url
+    server.drop_database(name)
+
+
+@pytest.fixture
+def make_api(tmp_path: Path, database_url: str | None) -> Callable[..., Any]:
     """``async with make_api(**config_overrides) as api:`` for tests that need their own config."""
     @asynccontextmanager
     async def factory(
         *, credits: int = 10_000, max_trainings: int = 10, transports: dict | None = None,
         plugins: tuple = (), **overrides: Any,
     ) -> AsyncIterator[Api]:
+        if database_url is not None:
+            overrides["database"] = {**overrides.get("database", {}), "url": database_url}
         settings = make_settings(tmp_path, **overrides)
         pm = make_plugin_manager(load_entrypoints=False, extra=plugins)
         app = create_app(settings, pm=pm, transports=transports)

@@ -1,5 +1,7 @@
 """A separate process using the shared breaker on a gateway's database (tests/test_health.py).
 
+DB is a SQLite file or a postgresql:// URL.
+
     python -m tests.health_worker DB fail INSTANCE OPERATION N      # N provider-side failures
     python -m tests.health_worker DB succeed INSTANCE OPERATION     # one success
     python -m tests.health_worker DB state INSTANCE OPERATION       # prints the state
@@ -18,11 +20,16 @@ from pathlib import Path
 
 from gateway.config import BreakerSettings
 from gateway.health import ProviderHealth
-from gateway.store.db import Database
+from gateway.store.sqlite import SqliteDatabase as Database
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    db = Database(Path(args.db))
+    if args.db.startswith("postgresql://"):
+        from gateway.store.postgres import PostgresDatabase
+
+        db = PostgresDatabase(args.db, pool_size=2)
+    else:
+        db = Database(Path(args.db))
     await db.open()
     try:
         health = ProviderHealth(db, BreakerSettings(failures=args.threshold, cooldown_s=args.cooldown))

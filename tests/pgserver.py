@@ -198,6 +198,9 @@ class PgServer:
     ``user``: the OS user the server runs as when this process is root (default ``postgres``,
     else ``nobody``); ignored when not root. ``settings``: postgresql.conf entries added to or
     overriding ``DEFAULT_SETTINGS``. ``watchdog``: run the crash clean-up process.
+    ``base_dir``: where the ``lora-gw-pg-*`` directory goes (default ``tempfile.gettempdir()``);
+    a tmpfs such as ``/dev/shm`` makes initdb and CREATE DATABASE several times faster on a
+    slow disk, at the cost of RAM (about 40 MB, plus about 8 MB a database).
     """
 
     host = "127.0.0.1"
@@ -210,6 +213,7 @@ class PgServer:
         settings: Mapping[str, str | int | float | bool] | None = None,
         startup_timeout: float = 30.0,
         watchdog: bool = True,
+        base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if bindir is None:
             self.bindir = find_bindir()
@@ -223,6 +227,7 @@ class PgServer:
         self.settings: dict[str, str | int | float | bool] = {**DEFAULT_SETTINGS, **(settings or {})}
         self.startup_timeout = startup_timeout
         self._use_watchdog = watchdog
+        self.base_dir = Path(base_dir) if base_dir is not None else None
         self._is_root = os.geteuid() == 0
         self.user: str | None = None  # the OS user the server runs as, when switched
         self._pw: pwd.struct_passwd | None = None
@@ -280,18 +285,18 @@ class PgServer:
 
     def _start(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        self.tempdir = Path(tempfile.mkdtemp(prefix="lora-gw-pg-"))
+        self.tempdir = Path(tempfile.mkdtemp(prefix="lora-gw-pg-", dir=self.base_dir))
         if self._pw is not None:
             os.chown(self.tempdir, self._pw.pw_uid, self._pw.pw_gid)
         if self._use_watchdog:
             self._start_watchdog()
         if self._pw is not None:
-            probe = self._run([ "test", "-w", str(self.tempdir), "-a", "-x", str(self.tempdir)], check=False)
+            probe = self._run(["test", "-w", str(self.tempdir), "-a", "-x", str(self.tempdir)], check=False)
             if probe.returncode != 0:
                 raise RuntimeError(
                     f"user {self.user!r} (the server cannot run as root) cannot use {self.tempdir}: "
-                    "a directory above it is not searchable by that user; point TMPDIR somewhere "
-                    "it can reach, e.g. /tmp"
+                    "a directory above it is not searchable by that user; point TMPDIR (or base_dir) "
+                    "somewhere it can reach, e.g. /tmp"
                 )
         self._run(
             [
@@ -316,6 +321,7 @@ class PgServer:
 
         for attempt in range(5):  # the free port can be taken between probing and binding
             self.port = _free_port()
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             remaining = max(1, int(deadline - time.monotonic()))
             res = self._run(
                 [
@@ -332,7 +338,7 @@ class PgServer:
             if res.returncode == 0:
                 break
             log = self.log_tail()
-            if "already in use" in log and attempt < 4:
+            if "already in use" in self._log_since(log_start) and attempt < 4:
                 continue
             raise RuntimeError(
                 f"pg_ctl start failed (exit {res.returncode}): {res.stdout.strip()} {res.stderr.strip()}\n"
@@ -399,7 +405,7 @@ class PgServer:
             self._stop_watchdog()
 
     def __enter__(self) -> "PgServer":
-        if self._state == "new":
+        if self._state != "running":
             self.start()
         return self
 
@@ -451,6 +457,14 @@ class PgServer:
         if force:
             sql += " WITH (FORCE)"
         self.execute(sql)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -566,7 +580,16 @@ def _stop_all() -> None:
             print(f"pgserver: stopping {server!r} at exit failed: {exc}", file=sys.stderr)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.pgserver",
+        description="Run a throwaway PostgreSQL server until SIGTERM/SIGINT; prints "
+        "'PGSERVER <dsn> ready' on stdout once it accepts connections.",
+    )
+    parser.add_argument("--base-dir", help="where its temp directory goes (default: the system temp dir)")
+    args = parser.parse_args(argv)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -575,7 +598,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     t0 = time.monotonic()
-    with PgServer() as pg:
+    with PgServer(base_dir=args.base_dir) as pg:
         print(
             f"pgserver: PostgreSQL from {pg.bindir} in {pg.tempdir} (pid {pg.pid}, "
             f"log {pg.log_path}) started in {time.monotonic() - t0:.2f}s",

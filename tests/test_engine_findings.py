@@ -333,24 +333,49 @@ async def test_lookups_of_an_ambiguous_submit_are_bounded(make_api) -> None:
 # --------------------------------------------------------------------------- 9. supervision
 
 
-async def test_database_errors_do_not_stop_the_engine_and_show_on_readyz(make_api) -> None:
-    """Another process holds SQLite's write lock past the busy timeout: the engine's loops fail,
-    log, back off and show on /readyz (503 degraded); once the lock goes they recover and the
-    work moves (a database error used to end Engine.run while the API kept serving)."""
-    async with make_api(database={"busy_timeout_ms": 100}) as api:
-        blocker = sqlite3.connect(api.gw.settings.database_path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        try:
+class Blocker:
+    """Another process holding the database's locks: SQLite's write lock, or (PostgreSQL) an
+    exclusive lock on the queue tables."""
+
+    def __init__(self, api: Api, backend: str) -> None:
+        self.api, self.backend = api, backend
+
+    async def __aenter__(self) -> "Blocker":
+        if self.backend == "sqlite":
+            self.conn = sqlite3.connect(self.api.gw.settings.database_path, isolation_level=None)
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            import asyncpg
+
+            self.pg = await asyncpg.connect(self.api.gw.settings.database.url)
+            self.tx = self.pg.transaction()
+            await self.tx.start()
+            await self.pg.execute("LOCK TABLE loras, jobs, cancels, deliveries IN ACCESS EXCLUSIVE MODE")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.backend == "sqlite":
+            self.conn.execute("ROLLBACK")
+            self.conn.close()
+        else:
+            await self.tx.rollback()
+            await self.pg.close()
+
+
+async def test_database_errors_do_not_stop_the_engine_and_show_on_readyz(make_api, backend: str) -> None:
+    """Another process holds the database's locks past the busy timeout (SQLite) or the
+    statement timeout (PostgreSQL): the engine's loops fail, log, back off and show on /readyz
+    (503 degraded); once the lock goes they recover and the work moves (a database error used
+    to end Engine.run while the API kept serving)."""
+    async with make_api(database={"busy_timeout_ms": 100, "statement_timeout_ms": 300}) as api:
+        async with Blocker(api, backend):
             async def degraded() -> bool:
                 r = await api.client.get("/readyz")
                 return r.status_code == 503 and r.json()["checks"]["workers"] == "degraded"
 
             await wait_for(degraded, what="/readyz to report the failing loops")
             faults = (await api.client.get("/readyz")).json()["checks"]["faults"]
-            assert any("locked" in text for text in faults.values()), faults
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
+            assert any(("locked" if backend == "sqlite" else "statement timeout") in text for text in faults.values()), faults
 
         async def recovered() -> bool:
             return (await api.client.get("/readyz")).status_code == 200

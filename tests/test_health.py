@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from gateway.config import BreakerSettings
 from gateway.health import ProviderHealth
-from gateway.store.db import Database
+from gateway.store.sqlite import SqliteDatabase as Database
 from tests.fakes.wavespeed import FakeWaveSpeed
 from tests.test_routing_matrix import ENGINE, attempts
 
@@ -29,7 +29,7 @@ class Clock:
         return self.t
 
 
-def other_process(db: Path, *args: str, cooldown: float = 30.0) -> dict[str, Any]:
+def other_process(db: Path | str, *args: str, cooldown: float = 30.0) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "tests.health_worker", str(db), *args, "--cooldown", str(cooldown)],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -79,7 +79,7 @@ async def test_a_breaker_opened_by_another_process_routes_work_away(make_api: Ca
     and a success this process sees closes it for the other one too."""
     providers = {"sb-a": {"type": "sandbox", "training_seconds": 0.2}, "sb-b": {"type": "sandbox", "training_seconds": 0.2}}
     async with make_api(providers=providers, routing={"training": {"providers": ["sb-a", "sb-b"]}}, engine=ENGINE) as api:
-        db = api.gw.settings.database_path
+        db = api.gw.settings.database.url or api.gw.settings.database_path  # either backend
         assert other_process(db, "fail", "sb-a", "training", "5") == {"state": "open"}
         await asyncio.sleep(0.6)  # this process re-reads the table at most every 0.5 s
         lora = await api.ready_lora()

@@ -20,7 +20,7 @@ from gateway.config import BreakerSettings, RouteSettings, RoutingSettings
 from gateway.engine.routing import InferenceNeeds, Router, TrainingNeeds, rendezvous
 from gateway.health import ProviderHealth
 from gateway.services import accounts
-from gateway.store.db import Database
+from gateway.store.sqlite import SqliteDatabase as Database
 from providers.base import Capabilities, Cost, InferenceCapabilities, TrainingCapabilities
 from tests.test_routing_matrix import ENGINE, attempts
 
@@ -271,7 +271,8 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
 async def test_teams_set_route_cli(make_api: Callable[..., Any], tmp_path: Path) -> None:
     async with make_api(providers=TWO, routing=ROUTES, engine=ENGINE) as api:
         config = tmp_path / "gateway.yaml"
-        config.write_text(yaml.safe_dump({"data_dir": str(api.gw.settings.data_path), "providers": TWO, "routing": ROUTES}))
+        config.write_text(yaml.safe_dump({"data_dir": str(api.gw.settings.data_path), "providers": TWO, "routing": ROUTES,
+                                          "database": {"url": api.gw.settings.database.url}}))
         other, other_key = await api.new_team()
         base = ["teams", "set-route", other, "-c", str(config)]
         code, out, err = await run_cli(*base, "--operation", "inference", "--strategy", "weighted",

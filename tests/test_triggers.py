@@ -6,6 +6,8 @@ import re
 import zipfile
 
 import pytest
+
+from gateway.services import loras as lora_service
 from gateway.store import loras as loras_store
 from gateway.triggers import apply_trigger, contains_word, generate_trigger_word, is_valid_trigger_word
 from plugins.hookspecs import hookimpl
@@ -49,13 +51,28 @@ async def test_words_are_unique_among_live_loras(api: Api) -> None:
         words = [(await loras_store.get_lora(conn, i)).trigger_word for i in ids]
     assert len(set(words)) == 3
     # the database refuses a duplicate among live LoRAs ...
-    with pytest.raises(Exception, match="UNIQUE"):
+    with pytest.raises(Exception, match="UNIQUE|unique constraint"):
         async with api.gw.db.tx() as conn:
             await loras_store.update_lora(conn, ids[1], trigger_word=words[0])
     # ... but a word may be reused once its LoRA is archived
     assert (await api.client.delete(f"/v2/loras/{ids[0]}", headers=api.h())).status_code == 204
     async with api.gw.db.tx() as conn:
         await loras_store.update_lora(conn, ids[1], trigger_word=words[0])
+
+
+async def test_a_clashing_draw_is_drawn_again(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uniqueness is the database's (a constraint, not a check before the insert): a word a live
+    LoRA holds makes the insert do nothing, and the create draws again."""
+    first = (await api.create_lora()).json()["id"]
+    async with api.gw.db.read() as conn:
+        taken = (await loras_store.get_lora(conn, first)).trigger_word
+    draws = iter([taken, taken, "FRESH9"])
+    monkeypatch.setattr(lora_service, "generate_trigger_word", lambda: next(draws))
+    r = await api.create_lora()
+    assert r.status_code == 202, r.text
+    async with api.gw.db.read() as conn:
+        assert (await loras_store.get_lora(conn, r.json()["id"])).trigger_word == "FRESH9"
+    assert next(draws, None) is None  # three draws: two clashed
 
 
 class RecordingSandbox(SandboxProvider):

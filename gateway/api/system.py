@@ -10,7 +10,6 @@ from typing import Any
 from gateway.api.auth import caller, gateway
 from gateway.engine.worker import engine_stale_after
 from gateway.store import workers as workers_store
-from gateway.timeutil import now
 from gateway.errors import NotFound
 from gateway.services import accounts
 
@@ -50,7 +49,7 @@ async def readyz(request: Request) -> Response:
             checks["faults"] = status["faults"]
     elif checks["database"] == "ok":
         async with gw.db.read() as conn:
-            live = await workers_store.live_workers(conn, since=now() - engine_stale_after(lease))
+            live = await workers_store.live_workers(conn, within_s=engine_stale_after(lease))
         checks["workers"] = f"external ({len(live)} running)" if live else "none running"
         if not live:
             checks["hint"] = ("no `lora-gateway worker` process has beaten in the last "

@@ -29,9 +29,10 @@ async def work_cancel(gw: Gateway, op: Operation, req: CancelRequest, owner: str
     provider = gw.providers.get(req.provider)
     bound = structlog.contextvars.bound_contextvars(attempt_id=req.attempt_id, provider=req.provider)
 
-    async def close(state: str, error: str | None = None) -> None:
+    async def close(state: str, error: str | None = None, ref: str | None = None) -> None:
         async with gw.db.tx() as conn:
-            if await cancels_store.close_cancel(conn, req.attempt_id, owner, state=state, error=error) and state == "done":
+            if await cancels_store.close_cancel(conn, req.attempt_id, owner, state=state, error=error,
+                                                ref=ref) and state == "done":
                 await attempts_store.mark_cancelled(conn, req.attempt_id, IN_FLIGHT)
         (log.info if state == "done" else log.warning)(f"cancel_{state}", error=error, tries=req.tries + 1)
 
@@ -78,14 +79,14 @@ async def work_cancel(gw: Gateway, op: Operation, req: CancelRequest, owner: str
             await close("abandoned", "the provider's job id is unknown")
             return
         if not provider.capabilities.can_cancel:
-            await close("abandoned", "the provider cannot cancel")
+            await close("abandoned", "the provider cannot cancel", ref)
             return
         try:
             await op.cancel(provider, ref)
         except ProviderError as err:
             if not err.retryable:  # the vendor refused: it has nothing left to cancel
-                await close("done", f"already ended at the provider: {err.message}")
+                await close("done", f"already ended at the provider: {err.message}", ref)
             else:
                 await again(err.message, ref)
             return
-        await close("done")
+        await close("done", ref=ref)

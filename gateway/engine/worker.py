@@ -253,7 +253,7 @@ class Engine:
                 batches = {}
                 for kind in ("job", "lora"):
                     batches[kind] = await queue_store.claim_due(conn, kind, owner=self.owner, lease_s=e.lease_s,
-                                                         limit=POLL_BATCH, only_stage="poll", at=now() + lookahead)
+                                                         limit=POLL_BATCH, only_stage="poll", lookahead_s=lookahead)
             for kind, rows in batches.items():
                 if rows:
                     self._leased.update((kind, r.id) for r in rows)
@@ -282,17 +282,16 @@ class Engine:
         e = self.gw.settings.engine
         purged_at = 0.0
         while True:
-            until = now() + e.lease_s
             async with self.gw.db.tx() as conn:
                 if self._leased:
-                    await queue_store.renew_leases(conn, self.owner, until, list(self._leased))
+                    await queue_store.renew_leases(conn, self.owner, e.lease_s, list(self._leased))
                 if self._cancelling:
-                    await cancels_store.renew_cancel_leases(conn, self.owner, until, list(self._cancelling))
+                    await cancels_store.renew_cancel_leases(conn, self.owner, e.lease_s, list(self._cancelling))
                 await workers_store.beat(conn, self.owner, host=socket.gethostname(), pid=os.getpid(),
                                          started_at=self.started_at)
                 if time.monotonic() - purged_at > PURGE_EVERY_S:
                     purged = await idempotency_store.idempotency_purge(conn, older_than=now() - IDEMPOTENCY_TTL_S)
-                    await workers_store.purge(conn, before=now() - 86_400)
+                    await workers_store.purge(conn, older_than_s=86_400)
                     purged_at = time.monotonic()
                     if purged:
                         log.info("idempotency_keys_purged", count=purged)

@@ -13,7 +13,7 @@ from gateway.errors import Forbidden, NotFound, RateLimited, Unauthorized, Valid
 from gateway.keys import display_prefix, generate_key, key_digest
 from gateway.store import ledger as ledger_store
 from gateway.store import teams as teams_store
-from gateway.store.db import Database
+from gateway.store.base import Database
 from gateway.store.models import ApiKey, Principal, Team
 from gateway.timeutil import new_id
 

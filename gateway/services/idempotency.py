@@ -1,6 +1,7 @@
 """``Idempotency-Key``: a replay within 24 h returns the original object (its status may have
 moved on); the same key with a different request is a 409. The record is written in the same
-transaction as the object and its charge, so two concurrent requests create one object."""
+transaction as the object and its charge, before them (the insert is the lock), so two
+concurrent requests, on one replica or several, create one object."""
 
 from __future__ import annotations
 
@@ -46,7 +47,15 @@ async def lookup(conn: Connection, team_id: str, key: str, route: str, request_d
     return rec.object_id
 
 
-async def remember(conn: Connection, team_id: str, key: str, route: str, request_digest: str, object_id: str) -> None:
-    await idempotency_store.idempotency_put(conn, IdempotencyRecord(
-        team_id=team_id, key=key, route=route, request_digest=request_digest, object_id=object_id, created_at=now(),
-    ))
+async def claim(conn: Connection, team_id: str, key: str, route: str, request_digest: str, object_id: str) -> str | None:
+    """Take the key for the object this request is about to create (insert-as-lock, in the
+    transaction that creates it): None when it is ours, else the id of the object an earlier
+    request with this key created (409 if that request was a different one)."""
+    t = now()
+    rec = IdempotencyRecord(team_id=team_id, key=key, route=route, request_digest=request_digest,
+                            object_id=object_id, created_at=t)
+    if await idempotency_store.claim(conn, rec, expired_before=t - TTL_S):
+        return None
+    earlier = await lookup(conn, team_id, key, route, request_digest)
+    assert earlier is not None, "an idempotency key that is held has a record"
+    return earlier

@@ -134,7 +134,7 @@ async def create(
     )
     async with gw.db.tx() as conn:
         if idempotency_key:  # a concurrent request with the same key may have won the race
-            earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, request_digest)
+            earlier = await idempotency.claim(conn, principal.team_id, idempotency_key, ROUTE, request_digest, job_id)
             if earlier is not None:
                 return await _existing(conn, earlier), True
         try:
@@ -142,8 +142,6 @@ async def create(
         except ledger_store.InsufficientBalance as e:
             raise InsufficientCredits(cost, e.available) from None
         await jobs_store.insert_job(conn, **fields)
-        if idempotency_key:
-            await idempotency.remember(conn, principal.team_id, idempotency_key, ROUTE, request_digest, job_id)
     job = Job(**fields, error=None, lease_owner=None, lease_expires=None, attempts_used=0, started_at=None,
               completed_at=None)
     log.info("job_created", job_id=job_id, lora_id=lora_id, credits=cost)

@@ -126,6 +126,8 @@ async def check_webhook_url(gw: Gateway, url: str | None, path: str = "webhookUr
 
 
 ROUTE = "POST /v2/loras"
+#: draws of a trigger word before giving up (a clash is one in millions)
+TRIGGER_WORD_TRIES = 20
 
 
 def request_digest(upload: ReceivedUpload) -> str:
@@ -155,13 +157,11 @@ async def create(
             await gw.storage.put_file(f"loras/{lora_id}/raw/{img.index + 1:03d}.{ext}", img.path, move=True)
         async with gw.db.tx() as conn:
             if idempotency_key:  # a concurrent request with the same key may have won the race
-                earlier = await idempotency.lookup(conn, principal.team_id, idempotency_key, ROUTE, digest)
+                earlier = await idempotency.claim(conn, principal.team_id, idempotency_key, ROUTE, digest, lora_id)
                 if earlier is not None:
                     replayed = await _existing(conn, earlier)
             if replayed is None:
                 lora = await _insert(conn, principal, lora_id, form, len(upload.images), preferred)
-                if idempotency_key:
-                    await idempotency.remember(conn, principal.team_id, idempotency_key, ROUTE, digest, lora_id)
     except BaseException:
         # nothing half-written stays behind: the row was rolled back, remove the stored images
         await gw.storage.delete_prefix(f"loras/{lora_id}/")
@@ -176,21 +176,25 @@ async def create(
 
 async def _insert(conn: Any, principal: Principal, lora_id: str, form: LoraForm, image_count: int,
                   preferred: str | None = None) -> Lora:
-    team = await teams_store.get_team(conn, principal.team_id)
+    # the team's row stays locked until this transaction ends, so concurrent creates (on any
+    # replica) count one after another and the cap holds
+    team = await teams_store.get_team(conn, principal.team_id, lock=True)
     assert team is not None
     _check_cap(await loras_store.count_active_trainings(conn, team.id), team.max_concurrent_trainings)
-    word = generate_trigger_word()
-    while await loras_store.trigger_word_taken(conn, word):
-        word = generate_trigger_word()
     ts = now()
-    await loras_store.insert_lora(
-        conn, id=lora_id, team_id=team.id, user_id=principal.user_id, key_id=principal.key.id,
-        name=form.name, subject_kind=form.subject_kind, gender=form.gender, ethnicity=form.ethnicity,
-        age=form.age, status="PENDING", image_count=image_count, steps=form.steps,
-        lora_rank=form.rank, trigger_word=word, webhook_url=form.webhook_url,
-        webhook_events=form.webhook_events, stage="prepare", next_run_at=ts, created_at=ts, updated_at=ts,
-        preferred_provider=preferred,
-    )
+    for _ in range(TRIGGER_WORD_TRIES):  # unique among live LoRAs by constraint: draw again on a clash
+        inserted = await loras_store.insert_lora(
+            conn, id=lora_id, team_id=team.id, user_id=principal.user_id, key_id=principal.key.id,
+            name=form.name, subject_kind=form.subject_kind, gender=form.gender, ethnicity=form.ethnicity,
+            age=form.age, status="PENDING", image_count=image_count, steps=form.steps,
+            lora_rank=form.rank, trigger_word=generate_trigger_word(), webhook_url=form.webhook_url,
+            webhook_events=form.webhook_events, stage="prepare", next_run_at=ts, created_at=ts, updated_at=ts,
+            preferred_provider=preferred,
+        )
+        if inserted:
+            break
+    else:
+        raise RuntimeError(f"no free trigger word after {TRIGGER_WORD_TRIES} draws")
     try:
         await ledger_store.apply_credits(conn, team.id, -CREATE_FEE, reason="LoRA create", ref=lora_id, kind="lora_create")
     except ledger_store.InsufficientBalance as e:

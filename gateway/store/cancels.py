@@ -10,6 +10,7 @@ from typing import Iterable
 import msgspec
 
 from gateway.store.models import Attempt, row_to
+from gateway.store.sql import marks, skip_locked
 from gateway.timeutil import now
 
 
@@ -45,24 +46,26 @@ async def request_cancel(conn, attempt: Attempt, reason: str, *, ref: str | None
 async def claim_cancels(conn, *, owner: str, lease_s: float, limit: int) -> list[CancelRequest]:
     if limit <= 0:
         return []
-    t = now()
+    t = await conn.now()
     rows = await conn.execute_fetchall(
-        """UPDATE cancels SET lease_owner = ?, lease_expires = ?
+        f"""UPDATE cancels SET lease_owner = ?, lease_expires = ?
            WHERE attempt_id IN (SELECT attempt_id FROM cancels WHERE state = 'pending' AND next_try_at <= ?
-                                  AND (lease_expires IS NULL OR lease_expires < ?) ORDER BY next_try_at LIMIT ?)
+                                  AND (lease_expires IS NULL OR lease_expires < ?) ORDER BY next_try_at LIMIT ?{skip_locked(conn)})
            RETURNING *""",
         (owner, t + lease_s, t, t, limit),
     )
     return [row_to(CancelRequest, r) for r in rows]
 
 
-async def close_cancel(conn, attempt_id: str, owner: str, *, state: str, error: str | None = None) -> bool:
-    """``done`` or ``abandoned``; lease-conditioned. Returns whether it applied."""
+async def close_cancel(conn, attempt_id: str, owner: str, *, state: str, error: str | None = None,
+                       ref: str | None = None) -> bool:
+    """``done`` or ``abandoned`` (with the provider's job id it was about, when learnt on the
+    way); lease-conditioned. Returns whether it applied."""
     cur = await conn.execute(
         """UPDATE cancels SET state = ?, last_error = ?, finished_at = ?, tries = tries + 1,
-             lease_owner = NULL, lease_expires = NULL
+             provider_ref = COALESCE(provider_ref, ?), lease_owner = NULL, lease_expires = NULL
            WHERE attempt_id = ? AND lease_owner = ?""",
-        (state, error, now(), attempt_id, owner),
+        (state, error, now(), ref, attempt_id, owner),
     )
     return cur.rowcount == 1
 
@@ -84,13 +87,13 @@ async def cancels_for(conn, owner_kind: str, owner_id: str) -> list[CancelReques
     return [row_to(CancelRequest, r) for r in rows]
 
 
-async def renew_cancel_leases(conn, owner: str, until: float, attempt_ids: Iterable[str]) -> None:
+async def renew_cancel_leases(conn, owner: str, lease_s: float, attempt_ids: Iterable[str]) -> None:
+    until = await conn.now() + lease_s
     ids = list(attempt_ids)
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
-        marks = ", ".join("?" for _ in chunk)
         await conn.execute(
-            f"UPDATE cancels SET lease_expires = ? WHERE lease_owner = ? AND attempt_id IN ({marks})", (until, owner, *chunk)
+            f"UPDATE cancels SET lease_expires = ? WHERE lease_owner = ? AND attempt_id IN ({marks(chunk)})", (until, owner, *chunk)
         )
 
 

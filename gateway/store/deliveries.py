@@ -9,6 +9,7 @@ import msgspec
 
 from gateway.store.base import Connection
 from gateway.store.models import row_to
+from gateway.store.sql import marks, skip_locked
 from gateway.timeutil import now
 
 
@@ -80,18 +81,19 @@ async def claim_deliveries(
 ) -> list[str]:
     """Lease up to ``limit`` due deliveries that nobody holds (or whose holder's lease ran out),
     except those in ``exclude`` (the claimer's own deliveries in flight: their leases are kept
-    by renewal, never by claiming them again)."""
-    t = now()
+    by renewal, never by claiming them again). Times are the database's."""
+    t = await conn.now()
     skip = list(exclude)
-    not_in = f"AND id NOT IN ({', '.join('?' for _ in skip)})" if skip else ""
+    not_in = f"AND id NOT IN ({marks(skip)})" if skip else ""
     rows = await conn.execute_fetchall(
         f"""UPDATE deliveries SET lease_owner = ?, lease_expires = ?
            WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND next_try_at <= ?
-                          AND (lease_expires IS NULL OR lease_expires < ?) {not_in} ORDER BY next_try_at LIMIT ?)
+                          AND (lease_expires IS NULL OR lease_expires < ?) {not_in} ORDER BY next_try_at LIMIT ?{skip_locked(conn)})
            RETURNING id""",
         (owner, t + lease_s, t, t, *skip, limit),
     )
     return [r[0] for r in rows]
+
 
 class RecordedAttempt(NamedTuple):
     attempt: int
@@ -111,21 +113,22 @@ async def record_delivery_attempt(
     t = now()
     rows = list(await conn.execute_fetchall(
         """INSERT INTO delivery_attempts (delivery_id, attempt, at, status_code, error, duration_ms)
-           SELECT ?, COALESCE(MAX(attempt), 0) + 1, ?, ?, ?, ? FROM delivery_attempts WHERE delivery_id = ?
+           SELECT CAST(? AS TEXT), COALESCE(MAX(attempt), 0) + 1, CAST(? AS DOUBLE PRECISION), CAST(? AS BIGINT),
+                  CAST(? AS TEXT), CAST(? AS BIGINT) FROM delivery_attempts WHERE delivery_id = ?
            RETURNING attempt""",
         (d.id, t, status_code, error, duration_ms, d.id),
     ))
     attempt = int(rows[0][0])
     rows = list(await conn.execute_fetchall(
-        """UPDATE deliveries SET attempts = MAX(attempts, ?),
+        """UPDATE deliveries SET attempts = CASE WHEN attempts > CAST(? AS BIGINT) THEN attempts ELSE ? END,
              status = CASE WHEN replays = ? THEN ? ELSE 'pending' END,
-             next_try_at = CASE WHEN replays = ? THEN ? ELSE ? END,
+             next_try_at = CASE WHEN replays = ? THEN CAST(? AS DOUBLE PRECISION) ELSE CAST(? AS DOUBLE PRECISION) END,
              last_status_code = ?, last_error = ?,
              delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END,
              lease_owner = NULL, lease_expires = NULL
            WHERE id = ? AND lease_owner = ?
            RETURNING replays""",
-        (attempt, d.replays, outcome, d.replays, next_try_at, t, status_code, error, outcome, t, d.id, owner),
+        (attempt, attempt, d.replays, outcome, d.replays, next_try_at, t, status_code, error, outcome, t, d.id, owner),
     ))
     if not rows:
         return RecordedAttempt(attempt, None)
@@ -145,12 +148,14 @@ async def release_deliveries(conn: Connection, owner: str) -> None:
         "UPDATE deliveries SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?", (owner,)
     )
 
-async def renew_delivery_leases(conn: Connection, owner: str, until: float, *, ids: Iterable[str]) -> None:
-    """Extend ``owner``'s leases on the deliveries it is sending now (only those)."""
+async def renew_delivery_leases(conn: Connection, owner: str, lease_s: float, *, ids: Iterable[str]) -> None:
+    """Extend ``owner``'s leases on the deliveries it is sending now (only those) to ``lease_s``
+    from now (the database's clock)."""
+    until = await conn.now() + lease_s
     ids = list(ids)
     for i in range(0, len(ids), 500):
         chunk = ids[i:i + 500]
         await conn.execute(
-            f"UPDATE deliveries SET lease_expires = ? WHERE lease_owner = ? AND id IN ({', '.join('?' for _ in chunk)})",
+            f"UPDATE deliveries SET lease_expires = ? WHERE lease_owner = ? AND id IN ({marks(chunk)})",
             (until, owner, *chunk),
         )

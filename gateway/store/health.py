@@ -30,13 +30,16 @@ async def record_failures(conn: Any, instance: str, operation: str, *, count: in
     while open (the probe's) opens it afresh."""
     await conn.execute(
         """INSERT INTO provider_health (instance, operation, state, failures, opened_at, updated_at)
-           VALUES (?, ?, CASE WHEN ? >= ? THEN 'open' ELSE 'closed' END, ?, CASE WHEN ? >= ? THEN ? END, ?)
+           VALUES (?, ?, CASE WHEN CAST(? AS BIGINT) >= CAST(? AS BIGINT) THEN 'open' ELSE 'closed' END, ?,
+                   CASE WHEN CAST(? AS BIGINT) >= CAST(? AS BIGINT) THEN CAST(? AS DOUBLE PRECISION) END, ?)
            ON CONFLICT (instance, operation) DO UPDATE SET
              failures = provider_health.failures + excluded.failures,
-             state = CASE WHEN provider_health.state = 'open' OR provider_health.failures + excluded.failures >= ?
+             state = CASE WHEN provider_health.state = 'open'
+                               OR provider_health.failures + excluded.failures >= CAST(? AS BIGINT)
                           THEN 'open' ELSE 'closed' END,
-             opened_at = CASE WHEN provider_health.state = 'open' OR provider_health.failures + excluded.failures >= ?
-                              THEN ? ELSE provider_health.opened_at END,
+             opened_at = CASE WHEN provider_health.state = 'open'
+                                   OR provider_health.failures + excluded.failures >= CAST(? AS BIGINT)
+                              THEN CAST(? AS DOUBLE PRECISION) ELSE provider_health.opened_at END,
              probe_attempt = NULL, probe_expires = NULL, updated_at = excluded.updated_at""",
         (instance, operation, count, threshold, count, count, threshold, at, at, threshold, threshold, at),
     )
@@ -69,8 +72,9 @@ async def add_calls(conn: Any, rows: Iterable[tuple[str, str, int, int, int, flo
     """Per-minute call counts ``(instance, operation, minute, calls, failures, total_ms)``."""
     await conn.executemany(
         """INSERT INTO provider_calls (instance, operation, minute, calls, failures, total_ms) VALUES (?, ?, ?, ?, ?, ?)
-           ON CONFLICT (instance, operation, minute) DO UPDATE SET calls = calls + excluded.calls,
-             failures = failures + excluded.failures, total_ms = total_ms + excluded.total_ms""",
+           ON CONFLICT (instance, operation, minute) DO UPDATE SET calls = provider_calls.calls + excluded.calls,
+             failures = provider_calls.failures + excluded.failures,
+             total_ms = provider_calls.total_ms + excluded.total_ms""",
         list(rows),
     )
 

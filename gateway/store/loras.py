@@ -6,7 +6,7 @@ from typing import Any
 
 from gateway.store.base import Connection
 from gateway.store.models import Artifact, Lora, row_to
-from gateway.store.sql import decode, update_leased
+from gateway.store.sql import decode, marks, update_leased
 
 ACTIVE_LORA = ("PENDING", "UPLOADING", "TRAINING")
 LORA_COLUMNS = set(Lora.__struct_fields__)
@@ -18,10 +18,17 @@ def lora_from_row(row: Any) -> Lora:
     return row_to(Lora, data)
 
 
-async def insert_lora(conn: Connection, **fields: Any) -> None:
+async def insert_lora(conn: Connection, **fields: Any) -> bool:
+    """Insert a LoRA; False (nothing written) when a live LoRA already has its trigger word
+    (the unique index ``loras_live_trigger``): draw another word and try again."""
     cols = ", ".join(fields)
-    marks = ", ".join("?" for _ in fields)
-    await conn.execute(f"INSERT INTO loras ({cols}) VALUES ({marks})", tuple(fields.values()))
+    cur = await conn.execute(
+        f"""INSERT INTO loras ({cols}) VALUES ({marks(fields)})
+            ON CONFLICT (trigger_word) WHERE status NOT IN ('FAILED','ARCHIVED') DO NOTHING""",
+        tuple(fields.values()),
+    )
+    return cur.rowcount == 1
+
 
 async def get_lora(conn: Connection, lora_id: str, team_id: str | None = None) -> Lora | None:
     if team_id is None:
@@ -60,12 +67,6 @@ async def count_active_trainings(conn: Connection, team_id: str) -> int:
         "SELECT COUNT(*) FROM loras WHERE team_id = ? AND status IN ('PENDING','UPLOADING','TRAINING')", (team_id,)
     )
     return int(list(rows)[0][0])
-
-async def trigger_word_taken(conn: Connection, word: str) -> bool:
-    rows = await conn.execute_fetchall(
-        "SELECT 1 FROM loras WHERE trigger_word = ? AND status NOT IN ('FAILED','ARCHIVED')", (word,)
-    )
-    return bool(list(rows))
 
 async def update_lora(conn: Connection, lora_id: str, *, lease: str | None = None, **fields: Any) -> bool:
     """Update a lora; with ``lease`` only if that worker still holds it. Returns whether it did."""

@@ -12,20 +12,22 @@ from gateway.store.base import Connection
 from gateway.store.jobs import JOB_COLUMNS, job_from_row
 from gateway.store.loras import LORA_COLUMNS, lora_from_row
 from gateway.store.models import Job, Lora
-from gateway.store.sql import update_leased
+from gateway.store.sql import marks, skip_locked, update_leased
 from gateway.timeutil import now
 
 
 async def claim_due(
-    conn: Connection, kind: str, *, owner: str, lease_s: float, limit: int, at: float | None = None,
+    conn: Connection, kind: str, *, owner: str, lease_s: float, limit: int, lookahead_s: float = 0.0,
     only_stage: str | None = None, skip_stage: str | None = None,
 ) -> list[Lora] | list[Job]:
-    """Lease up to ``limit`` rows of ``kind`` ('lora' or 'job') due by ``at`` (default now);
-    return them, leased. ``only_stage``/``skip_stage`` select by stage."""
+    """Lease up to ``limit`` rows of ``kind`` ('lora' or 'job') due within ``lookahead_s`` by the
+    database's clock; return them, leased. ``only_stage``/``skip_stage`` select by stage.
+
+    On PostgreSQL the candidates are locked ``FOR UPDATE SKIP LOCKED``: replicas claiming at the
+    same moment each get other rows, and a row whose lease another replica just took (committed
+    or not) is never claimed twice."""
     table, active = TABLES[kind], ACTIVE[kind]
-    t = now()
-    due = t if at is None else at
-    marks = ", ".join("?" for _ in active)
+    t = await conn.now()
     stage_sql, stage_args = "", []
     if only_stage is not None:
         stage_sql, stage_args = " AND stage = ?", [only_stage]
@@ -35,13 +37,14 @@ async def claim_due(
         f"""UPDATE {table} SET lease_owner = ?, lease_expires = ?
             WHERE id IN (
               SELECT id FROM {table}
-              WHERE status IN ({marks}) AND next_run_at <= ?{stage_sql}
+              WHERE status IN ({marks(active)}) AND next_run_at <= ?{stage_sql}
                 AND (lease_expires IS NULL OR lease_expires < ?)
-              ORDER BY next_run_at LIMIT ?)
+              ORDER BY next_run_at LIMIT ?{skip_locked(conn)})
             RETURNING *""",
-        (owner, t + lease_s, *active, due, *stage_args, t, limit),
+        (owner, t + lease_s, *active, t + lookahead_s, *stage_args, t, limit),
     )
     return [lora_from_row(r) for r in rows] if kind == "lora" else [job_from_row(r) for r in rows]
+
 
 async def update_row(conn: Connection, kind: str, row_id: str, *, lease: str | None = None, **fields: Any) -> bool:
     """``update_lora`` / ``update_job`` by kind ('lora' or 'job')."""
@@ -66,16 +69,19 @@ async def apply_running_polls(conn: Connection, kind: str, owner: str, updates: 
         [(u["next_run_at"], t, u["owner_id"], owner) for u in updates],
     )
 
-async def renew_leases(conn: Connection, owner: str, until: float, rows: Iterable[tuple[str, str]]) -> None:
-    """Extend ``owner``'s leases on the given (kind, id) rows, the ones it is working on."""
+async def renew_leases(conn: Connection, owner: str, lease_s: float, rows: Iterable[tuple[str, str]]) -> None:
+    """Extend ``owner``'s leases on the given (kind, id) rows, the ones it is working on, to
+    ``lease_s`` from now (the database's clock)."""
+    until = await conn.now() + lease_s
+    rows = list(rows)
     for kind, table in TABLES.items():
         ids = [row_id for k, row_id in rows if k == kind]
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
-            marks = ", ".join("?" for _ in chunk)
             await conn.execute(
-                f"UPDATE {table} SET lease_expires = ? WHERE lease_owner = ? AND id IN ({marks})", (until, owner, *chunk)
+                f"UPDATE {table} SET lease_expires = ? WHERE lease_owner = ? AND id IN ({marks(chunk)})", (until, owner, *chunk)
             )
+
 
 async def release_owner(conn: Connection, owner: str) -> None:
     for table in TABLES.values():

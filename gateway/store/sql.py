@@ -21,6 +21,17 @@ def marks(values: Iterable[Any]) -> str:
     return ", ".join("?" for _ in values)
 
 
+def skip_locked(conn: Any) -> str:
+    """What a claim's candidate SELECT ends with: PostgreSQL locks the rows it picks and skips
+    those another transaction holds; SQLite's single writer needs nothing."""
+    return " FOR UPDATE SKIP LOCKED" if conn.dialect == "postgresql" else ""
+
+
+def lock_row(conn: Any) -> str:
+    """What a SELECT ends with to lock its rows until the transaction ends (PostgreSQL)."""
+    return " FOR UPDATE" if conn.dialect == "postgresql" else ""
+
+
 def assignments(fields: dict[str, Any], allowed: set[str]) -> tuple[str, list[Any]]:
     """``col = ?, ...`` and its values (dicts and lists as JSON) for an UPDATE."""
     unknown = set(fields) - allowed

@@ -9,6 +9,7 @@ import msgspec
 from gateway.store.base import Connection
 from gateway.store.ledger import apply_credits
 from gateway.store.models import ApiKey, Team, User, row_to
+from gateway.store.sql import lock_row
 from gateway.timeutil import new_id, now
 
 
@@ -26,8 +27,11 @@ async def create_team(
     assert team is not None
     return team
 
-async def get_team(conn: Connection, team_id: str) -> Team | None:
-    rows = list(await conn.execute_fetchall("SELECT * FROM teams WHERE id = ?", (team_id,)))
+async def get_team(conn: Connection, team_id: str, *, lock: bool = False) -> Team | None:
+    """A team; ``lock``: its row stays locked until the transaction ends (PostgreSQL; SQLite's
+    write transactions are serialised already)."""
+    rows = list(await conn.execute_fetchall(f"SELECT * FROM teams WHERE id = ?{lock_row(conn) if lock else ''}",
+                                            (team_id,)))
     return row_to(Team, rows[0]) if rows else None
 
 async def list_teams(conn: Connection) -> list[Team]:
