@@ -1,4 +1,4 @@
-"""``lora-gateway``: serve, worker, and admin commands (teams, keys, credits)."""
+"""``lora-gateway``: serve, worker, migrate, copy, and admin commands (teams, keys, credits)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from gateway.errors import GatewayError
 from gateway.logging import configure_logging
 from gateway.services import accounts
 from gateway.store.db import Database, MigrationsPending, SchemaTooNew, database_for
+from gateway.store.migrations import NAMES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -228,6 +229,60 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return _admin(args, go)
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.logging.format, "warning")
+    db = database_for(settings, read_connections=1)
+
+    async def go() -> None:
+        await db.open(migrate=not args.check)
+        try:
+            done = db.applied
+        finally:
+            await db.close()
+        where = db.label
+        if done:
+            print(f"{where}: applied {', '.join(done)}")
+        print(f"{where}: the schema is up to date ({len(NAMES)} migrations)")
+
+    anyio.run(go)
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from gateway.store.copy import CopyError, copy_database
+    from gateway.store.db import database_at
+
+    settings = _settings(args)
+    configure_logging(settings.logging.format, "warning")
+    try:
+        source = database_at(settings, args.source) if args.source else database_for(settings, read_connections=1)
+        dest = database_at(settings, args.dest)
+    except ValueError as e:
+        print(f"lora-gateway copy: {e}", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        await source.open(migrate=False)
+        try:
+            await dest.open(migrate=True)
+            try:
+                report = await copy_database(
+                    source, dest, progress=lambda table, n: print(f"  {table}: {n} rows", flush=True))
+            finally:
+                await dest.close()
+        finally:
+            await source.close()
+        print(f"copied {report.total} rows from {source.label} to {dest.label}")
+        return 0
+
+    try:
+        return anyio.run(go)
+    except CopyError as e:
+        print(f"lora-gateway copy: {e}", file=sys.stderr)
+        return 1
+
+
 def _version() -> str:
     from gateway import __version__
 
@@ -252,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("worker", help="run only the engine's workers against the same database")
     common(s)
     s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("migrate", help="bring the database's schema up to date (or --check it is)")
+    common(s)
+    s.add_argument("--check", action="store_true", help="change nothing; exit 2 if migrations are pending")
+    s.set_defaults(fn=cmd_migrate)
+
+    s = sub.add_parser("copy", help="copy every row into another, empty database (e.g. SQLite to PostgreSQL)")
+    common(s)
+    s.add_argument("--from", dest="source", metavar="URL",
+                   help="the database to read (default: the configured one)")
+    s.add_argument("--to", dest="dest", metavar="URL", required=True,
+                   help="an empty database: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+    s.set_defaults(fn=cmd_copy)
 
     teams = sub.add_parser("teams", help="manage teams").add_subparsers(dest="action", required=True)
     s = teams.add_parser("create", help="create a team with an owner and an API key")

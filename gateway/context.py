@@ -26,7 +26,8 @@ from gateway.engine.routing import Router
 from gateway.health import ProviderHealth
 from gateway.metrics import Metrics
 from gateway.netsafety import UrlPolicy, webhook_client
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import RateLimiter, SharedRateLimiter
+from gateway.signals import Signals
 from gateway.signing import UrlSigner
 from gateway.store import meta as meta_store
 from gateway.store import teams as teams_store
@@ -60,10 +61,16 @@ class Gateway:
     auth_cache: AuthCache
     #: the engine's image decoding/encoding: a few low-priority threads, off the event loop
     image_workers: ImageWorkers
-    #: new or newly due work for the engine (set by the engine running in this process)
-    wake: Callable[[], None] = lambda: None
-    #: webhook deliveries may have been queued (a terminal state, a progress event, a replay)
-    wake_deliveries: Callable[[], None] = lambda: None
+    #: wake-ups and cache invalidations every process on the database hears
+    signals: Signals
+
+    def wake(self) -> None:
+        """New or newly due work for the engines (this process's, and on PostgreSQL every replica's)."""
+        self.signals.send("work")
+
+    def wake_deliveries(self) -> None:
+        """Webhook deliveries may have been queued (a terminal state, a progress event, a replay)."""
+        self.signals.send("deliveries")
 
     @property
     def upload_limits(self) -> UploadLimits:
@@ -201,6 +208,9 @@ async def open_gateway(
         secret = await _signing_secret(db, settings.server.url_signing_secret)
         base_url = settings.server.public_base_url or f"http://{settings.server.host}:{settings.server.port}"
         health = ProviderHealth(db, settings.routing.breaker)
+        signals = Signals(db)
+        auth_cache = AuthCache(settings.server.auth_cache_s)
+        signals.on("auth", auth_cache.clear)  # a key revoked on any replica (or by the CLI)
         gw = Gateway(
             settings=settings,
             db=db,
@@ -213,14 +223,17 @@ async def open_gateway(
             health=health,
             metrics=Metrics(),
             signer=UrlSigner(secret, base_url),
-            rate_limiter=RateLimiter(),
+            rate_limiter=SharedRateLimiter(db) if db.dialect == "postgresql" else RateLimiter(),
             url_policy=url_policy,
             webhook_client=webhook_http,
-            auth_cache=AuthCache(settings.server.auth_cache_s),
+            auth_cache=auth_cache,
             image_workers=image_workers,
+            signals=signals,
         )
         yield gw
     finally:
+        if "signals" in locals():
+            await signals.aclose()
         if "webhook_http" in locals():
             await webhook_http.aclose()
         for p in providers.values():

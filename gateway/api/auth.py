@@ -26,5 +26,5 @@ def raw_key(request: Request) -> str | None:
 async def caller(request: Request) -> Principal:
     gw = gateway(request)
     principal = await accounts.authenticate(gw.db, raw_key(request), gw.auth_cache)
-    accounts.check_rate(gw, principal)
+    await accounts.check_rate(gw, principal)
     return principal

@@ -90,8 +90,8 @@ class Engine:
                                    lease_s=max(e.lease_s, gw.settings.webhooks.timeout_s * 2),
                                    poll_interval_s=e.poll_interval_s)
         self.deliverer.on_outcome = lambda outcome: gw.metrics.webhooks.labels(outcome).inc()
-        gw.wake = self.wake
-        gw.wake_deliveries = self.deliverer.notify
+        gw.signals.on("work", self.wake)
+        gw.signals.on("deliveries", self.deliverer.notify)
 
     def wake(self) -> None:
         self._wake.set()
@@ -127,6 +127,8 @@ class Engine:
                 task_status.started()
         finally:
             self.ready = False
+            self.gw.signals.off("work", self.wake)
+            self.gw.signals.off("deliveries", self.deliverer.notify)
             with anyio.CancelScope(shield=True):
                 await self._release_all()
             log.info("engine_stopped", owner=self.owner)

@@ -44,11 +44,11 @@ async def authenticate(db: Database, raw_key: str | None, cache: AuthCache | Non
     return principal
 
 
-def check_rate(gw: Any, principal: Principal) -> None:
+async def check_rate(gw: Any, principal: Principal) -> None:
     """Per-key token bucket; the team's override wins over ``teams.rate_limit_per_minute``."""
     team_limit = principal.rate_limit_per_minute
     per_minute = team_limit if team_limit is not None else gw.settings.teams.rate_limit_per_minute
-    wait = gw.rate_limiter.check(principal.key.id, per_minute)
+    wait = await gw.rate_limiter.check(principal.key.id, per_minute)
     if wait > 0:
         raise RateLimited(f"Rate limit of {per_minute} requests per minute exceeded", int(wait) + 1)
 
@@ -106,6 +106,7 @@ async def revoke_key(db: Database, key_id: str, cache: AuthCache | None = None) 
         done = await teams_store.revoke_key(conn, key_id)
     if cache is not None:
         cache.clear()
+    await db.notify("auth", key_id)  # every replica's cache (PostgreSQL; SQLite: within auth_cache_s)
     log.info("key_revoked", key_id=key_id, changed=done)
     return done
 
@@ -115,6 +116,7 @@ async def set_key_active(db: Database, key_id: str, active: bool, cache: AuthCac
         done = await teams_store.set_key_active(conn, key_id, active)
     if cache is not None:
         cache.clear()
+    await db.notify("auth", key_id)
     return done
 
 

@@ -11,7 +11,8 @@ from gateway.store.sqlite import SqliteDatabase
 if TYPE_CHECKING:
     from gateway.config import Settings
 
-__all__ = ["Connection", "Database", "MigrationsPending", "SchemaTooNew", "SqliteDatabase", "database_for"]
+__all__ = ["Connection", "Database", "MigrationsPending", "SchemaTooNew", "SqliteDatabase", "database_at",
+           "database_for"]
 
 
 def database_for(settings: "Settings", *, read_connections: int | None = None) -> Database:
@@ -28,3 +29,14 @@ def database_for(settings: "Settings", *, read_connections: int | None = None) -
         inline_reads=d.inline_reads,
         inline_writes=d.inline_writes,
     )
+
+
+def database_at(settings: "Settings", url: str) -> Database:
+    """The database at ``url`` (``sqlite:///PATH``, relative to ``data_dir``, or
+    ``postgresql://…``), with the other database settings from ``settings``."""
+    import msgspec
+
+    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ValueError(f"not a database URL: {url!r} (sqlite:///PATH or postgresql://USER@HOST/DB)")
+    database = msgspec.structs.replace(settings.database, url=url)
+    return database_for(msgspec.structs.replace(settings, database=database), read_connections=1)

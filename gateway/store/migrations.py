@@ -360,8 +360,19 @@ def m006_routing(d: str) -> list[str]:
     ]]
 
 
+def m007_replicas(d: str) -> list[str]:
+    return [ddl(x, d) for x in [
+        # per-key token buckets every replica draws from (PostgreSQL; SQLite counts in memory)
+        """CREATE TABLE rate_buckets (
+            key_id TEXT PRIMARY KEY,
+            tokens REAL NOT NULL,
+            at REAL NOT NULL
+        )""",
+    ]]
+
+
 MIGRATIONS = [m001_initial, m002_durability, m003_engine, m004_webhook_deliveries, m005_provider_contract,
-              m006_routing]
+              m006_routing, m007_replicas]
 
 #: every migration this version knows, in order
 NAMES = [m.__name__ for m in MIGRATIONS]

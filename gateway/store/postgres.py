@@ -128,6 +128,8 @@ class PostgresDatabase:
                  statement_timeout_ms: int = 30_000) -> None:
         self.url = url
         self.label = redact(url)
+        #: the migrations the last ``open`` applied
+        self.applied: list[str] = []
         self.pool_size = pool_size
         self.connect_timeout_s = connect_timeout_s
         self.statement_timeout_ms = statement_timeout_ms
@@ -147,7 +149,7 @@ class PostgresDatabase:
         self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
                                                max_inactive_connection_lifetime=300, **kw)
         async with self.tx() as conn:
-            await apply_migrations(conn, apply=migrate)
+            self.applied = await apply_migrations(conn, apply=migrate)
         if self._listeners:
             self._start_listening()
 

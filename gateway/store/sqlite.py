@@ -161,6 +161,8 @@ class SqliteDatabase:
     ) -> None:
         self.path = Path(path)
         self.label = f"sqlite:///{self.path}"
+        #: the migrations the last ``open`` applied
+        self.applied: list[str] = []
         self.busy_timeout_ms = busy_timeout_ms
         self.read_connections = read_connections
         self.inline_reads = inline_reads
@@ -198,7 +200,7 @@ class SqliteDatabase:
             self._writer = await self._connect()
             await self._writer.execute("PRAGMA journal_mode = WAL")
         async with self.tx() as conn:
-            await apply_migrations(conn, apply=migrate)
+            self.applied = await apply_migrations(conn, apply=migrate)
         if self.inline_reads:
             self._inline_reader = InlineConnection(
                 _sqlite(self.path, busy_timeout_ms=min(self.busy_timeout_ms, 1000), query_only=True)
