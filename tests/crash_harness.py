@@ -9,7 +9,12 @@ webhook receiver:
 - the sandbox holds exactly one job per attempt and was never sent the same attempt again;
 - every terminal webhook arrived, signed, under one delivery id per event.
 
-Used by ``tests/test_crash.py`` (small N) and ``bench/crash.py`` (large N).
+With ``replicas > 1`` and a PostgreSQL ``database_url``, several ``serve`` processes share one
+database and one ``data_dir``; each client's requests go to one replica and move on to the next
+when it is down, and each kill takes a random replica.
+
+Used by ``tests/test_crash.py`` (small N), ``tests/test_replicas.py`` (three replicas on
+PostgreSQL) and ``bench/crash.py`` (large N).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class HarnessConfig:
     kill_every: tuple[float, float] = (0.4, 1.6)  # seconds between kills (uniform)
     concurrency: int = 8  # LoRAs driven at once
     timeout_s: float = 240.0
+    replicas: int = 1
+    database_url: str | None = None  # None: the SQLite file in data_dir
 
 
 @dataclass
@@ -125,9 +132,10 @@ class GatewayProcess:
                 self.proc.wait()
 
 
-def _write_config(path: Path, data_dir: Path) -> None:
+def _write_config(path: Path, data_dir: Path, database_url: str | None = None) -> None:
     path.write_text(yaml.safe_dump({
         "data_dir": str(data_dir),
+        **({"database": {"url": database_url}} if database_url else {}),
         "providers": {"sandbox": {"training_seconds": 1.5, "queue_seconds": 0.3, "generation_seconds": 0.4}},
         "engine": {"poll_interval_s": 0.1, "min_poll_interval_s": 0.2, "max_poll_interval_s": 1.0,
                    "lease_s": 3, "crash_backoff_s": 0.5},
@@ -140,11 +148,17 @@ def _write_config(path: Path, data_dir: Path) -> None:
 
 class _Client:
     """Requests that survive the server dying under them: retried (same Idempotency-Key)
-    until the server gives a definite answer."""
+    until a server gives a definite answer; with several replicas, a failed request moves on
+    to the next one."""
 
-    def __init__(self, base: str, key: str, report: Report) -> None:
-        self.http = httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=30)
+    def __init__(self, https: list[httpx.AsyncClient], report: Report, start: int = 0) -> None:
+        self.https = https
+        self.at = start % len(https)
         self.report = report
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self.https[self.at]
 
     async def call(self, method: str, path: str, **kw) -> httpx.Response:
         while True:
@@ -155,6 +169,7 @@ class _Client:
             except httpx.HTTPError:
                 pass
             self.report.client_retries += 1
+            self.at = (self.at + 1) % len(self.https)
             await asyncio.sleep(0.2)
 
     async def poll(self, path: str, done: set[str], deadline: float) -> dict:
@@ -204,28 +219,36 @@ async def run(hc: HarnessConfig) -> Report:
     data_dir, logs = hc.workdir / "data", hc.workdir / "logs"
     logs.mkdir(exist_ok=True)
     config = hc.workdir / "config.yaml"
-    _write_config(config, data_dir)
+    _write_config(config, data_dir, hc.database_url)
     started = time.monotonic()
-    gw = GatewayProcess(config, _free_port(), logs)
+    gws = []
+    for i in range(hc.replicas):
+        (logs / str(i)).mkdir(exist_ok=True)
+        gws.append(GatewayProcess(config, _free_port(), logs / str(i)))
     async with serving(Receiver()) as rx:
-        gw.start()
         try:
-            await gw.wait_ready()
-            key = gw.first_key()
+            gws[0].start()  # the first start makes the default team and prints its key
+            await gws[0].wait_ready()
+            key = gws[0].first_key()
             if key is None:
                 raise RuntimeError("no API key printed on first start")
-            client = _Client(gw.base, key, report)
+            for gw in gws[1:]:
+                gw.start()
+            for gw in gws[1:]:
+                await gw.wait_ready()
+            https = [httpx.AsyncClient(base_url=gw.base, headers={"X-API-Key": key}, timeout=30) for gw in gws]
             created: dict[str, list[str]] = {"loras": [], "jobs": []}
             deadline = time.monotonic() + hc.timeout_s
             gate = asyncio.Semaphore(hc.concurrency)
 
             async def one(i: int) -> None:
                 async with gate:
-                    await _drive_one(i, client, hc, rx.base_url, deadline, report, created)
+                    await _drive_one(i, _Client(https, report, start=i), hc, rx.base_url, deadline, report, created)
 
             async def killer() -> None:
                 for _ in range(hc.kills):
                     await asyncio.sleep(rng.uniform(*hc.kill_every))
+                    gw = rng.choice(gws)
                     gw.kill()
                     report.kills += 1
                     await asyncio.sleep(rng.uniform(0.0, 0.3))
@@ -235,11 +258,17 @@ async def run(hc: HarnessConfig) -> Report:
 
             await asyncio.gather(killer(), *(one(i) for i in range(hc.loras)))
             await _wait_for_webhooks(rx, created, deadline)
-            await client.http.aclose()
+            for http in https:
+                await http.aclose()
         finally:
-            gw.stop()
+            for gw in gws:
+                gw.stop()
         report.loras, report.jobs = len(created["loras"]), len(created["jobs"])
-        _check(report, hc, data_dir, key, rx, created)
+        rows = await _Rows.open(data_dir, hc.database_url)
+        try:
+            await _check(report, hc, data_dir, key, rx, created, rows)
+        finally:
+            await rows.close()
     report.seconds = round(time.monotonic() - started, 1)
     return report
 
@@ -256,12 +285,41 @@ async def _wait_for_webhooks(rx: Receiver, created: dict[str, list[str]], deadli
         await asyncio.sleep(0.2)
 
 
-def _check(report: Report, hc: HarnessConfig, data_dir: Path, key: str, rx: Receiver, created: dict[str, list[str]]) -> None:
+class _Rows:
+    """Read-only queries on the gateway's database, SQLite or PostgreSQL."""
+
+    def __init__(self, sqlite: sqlite3.Connection | None, pg: object | None) -> None:
+        self.sqlite, self.pg = sqlite, pg
+
+    @classmethod
+    async def open(cls, data_dir: Path, database_url: str | None) -> "_Rows":
+        if database_url:
+            import asyncpg
+
+            return cls(None, await asyncpg.connect(database_url))
+        db = sqlite3.connect(f"file:{data_dir / 'gateway.sqlite3'}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        return cls(db, None)
+
+    async def all(self, sql: str, *args: object) -> list:
+        if self.sqlite is not None:
+            return self.sqlite.execute(sql, args).fetchall()
+        from gateway.store.postgres import translate
+
+        return await self.pg.fetch(translate(sql), *args)  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        if self.sqlite is not None:
+            self.sqlite.close()
+        else:
+            await self.pg.close()  # type: ignore[attr-defined]
+
+
+async def _check(report: Report, hc: HarnessConfig, data_dir: Path, key: str, rx: Receiver,
+                 created: dict[str, list[str]], db: _Rows) -> None:
     a = report.anomalies
-    db = sqlite3.connect(f"file:{data_dir / 'gateway.sqlite3'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    loras = {r["id"]: r for r in db.execute("SELECT * FROM loras")}
-    jobs = {r["id"]: r for r in db.execute("SELECT * FROM jobs")}
+    loras = {r["id"]: r for r in await db.all("SELECT * FROM loras")}
+    jobs = {r["id"]: r for r in await db.all("SELECT * FROM jobs")}
     if sorted(loras) != sorted(created["loras"]):
         a.append(f"{len(loras)} LoRA rows for {len(created['loras'])} created (duplicates or losses)")
     if sorted(jobs) != sorted(created["jobs"]):
@@ -272,7 +330,7 @@ def _check(report: Report, hc: HarnessConfig, data_dir: Path, key: str, rx: Rece
     for jid, r in jobs.items():
         if r["status"] != "COMPLETED":
             a.append(f"job {jid} is {r['status']}")
-        images = db.execute("SELECT storage_key FROM job_images WHERE job_id = ?", (jid,)).fetchall()
+        images = await db.all("SELECT storage_key FROM job_images WHERE job_id = ?", jid)
         want = json.loads(r["input"])["fluxLoraParams"].get("num_outputs", 1)
         if len(images) != want or not all((data_dir / "blobs" / k[0]).exists() for k in images):
             a.append(f"job {jid}: {len(images)} stored images, {want} expected")
@@ -284,12 +342,12 @@ def _check(report: Report, hc: HarnessConfig, data_dir: Path, key: str, rx: Rece
         expected[(lid, "lora_training")] = -255
     for jid, r in jobs.items():
         expected[(jid, "job")] = -2 * json.loads(r["input"])["fluxLoraParams"].get("num_outputs", 1)
-    actual = {(r["ref"], r["kind"]): r["amount"] for r in db.execute("SELECT * FROM ledger WHERE kind != 'grant'")}
+    actual = {(r["ref"], r["kind"]): r["amount"] for r in await db.all("SELECT * FROM ledger WHERE kind != 'grant'")}
     if actual != expected:
         extra = {k: v for k, v in actual.items() if expected.get(k) != v}
         missing = {k: v for k, v in expected.items() if k not in actual}
         a.append(f"ledger differs: unexpected {list(extra.items())[:5]}, missing {list(missing.items())[:5]}")
-    (credits,) = db.execute("SELECT credits FROM teams").fetchone()
+    (credits,) = (await db.all("SELECT credits FROM teams"))[0]
     if credits != BOOTSTRAP_CREDITS + sum(expected.values()):
         a.append(f"balance {credits} != {BOOTSTRAP_CREDITS + sum(expected.values())}")
 
@@ -305,7 +363,7 @@ def _check(report: Report, hc: HarnessConfig, data_dir: Path, key: str, rx: Rece
     for folder in ("trainings", "generations"):
         for path in (data_dir / "sandbox" / folder).glob("*.json"):
             accepted.add(json.loads(path.read_bytes())["attempt_id"])
-    attempts = {r["id"]: r for r in db.execute("SELECT * FROM attempts")}
+    attempts = {r["id"]: r for r in await db.all("SELECT * FROM attempts")}
     report.attempts = len(attempts)
     for attempt_id in accepted - set(attempts):
         a.append(f"the sandbox holds a job for attempt {attempt_id}, which the gateway has no record of")
@@ -335,4 +393,3 @@ def _check(report: Report, hc: HarnessConfig, data_dir: Path, key: str, rx: Rece
     for event, ids in ids_per_event.items():
         if len(ids) != 1:
             a.append(f"{event} arrived under {len(ids)} delivery ids")
-    db.close()

@@ -1,5 +1,5 @@
-"""``/admin``: the webhook delivery log and replay. Bearer ``server.admin_token``; disabled
-(404) when no token is configured."""
+"""``/admin``: the webhook delivery log and replay, and revoking an API key. Bearer
+``server.admin_token``; disabled (404) when no token is configured."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from litestar import Controller, Request, Response, get, post
 from gateway.api.auth import gateway
 from gateway.api.params import parse_query
 from gateway.errors import NotFound, Unauthorized
+from gateway.services import accounts
 from gateway.store import deliveries as deliveries_store
 from gateway.store.deliveries import Delivery, DeliveryAttempt
 from gateway.timeutil import iso
@@ -74,3 +75,11 @@ class AdminController(Controller):
                 raise NotFound("Delivery not found")
         gw.wake_deliveries()
         return Response({"id": delivery_id, "status": "pending"}, status_code=202)
+
+    @post("/keys/{key_id:str}/revoke", status_code=200, summary="Revoke an API key, on every replica")
+    async def revoke_key(self, request: Request, key_id: str) -> Response:
+        _check_admin(request)
+        gw = gateway(request)
+        if not await accounts.revoke_key(gw.db, key_id, gw.auth_cache):
+            raise NotFound("No such key, or it is revoked already")
+        return Response({"id": key_id, "revoked": True})
