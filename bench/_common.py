@@ -5,6 +5,7 @@
 * :func:`start_gateway` — write a YAML config into a temp dir and run
   ``python -m gateway.cli serve --config FILE --port N``, reading the ``afk_...`` key it
   prints on a new database (or given the key of a data dir copied with :func:`copy_data_dir`);
+* :func:`postgres_database` — a throwaway PostgreSQL server and database, for ``--database postgresql``;
 * :func:`count_by_status` — jobs or LoRAs per status, read straight from a gateway's database;
 * :func:`create_small_lora`, :func:`wait_lora` — a LoRA through the API, and waiting for a status;
 * :class:`RssSampler` — a background thread sampling a process's RSS (baseline and peak);
@@ -319,6 +320,22 @@ def count_by_status(db: Path, table: str) -> dict[str, int]:
         return dict(conn.execute(f"SELECT status, COUNT(*) FROM {table} GROUP BY status").fetchall())
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def postgres_database(kind: str = "postgresql") -> Iterator[str | None]:
+    """``kind`` ``postgresql``: a throwaway PostgreSQL server (``tests/pgserver.py``, on a RAM
+    disk where there is one) with an empty database, as its URL, stopped on exit; ``sqlite``: None."""
+    if kind != "postgresql":
+        yield None
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.pgserver import PgServer
+
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1 << 30 else None
+    with PgServer(base_dir=base) as server:
+        yield server.create_database("bench")
 
 
 @contextlib.contextmanager

@@ -24,12 +24,20 @@ The engine is used as ``Engine(gw)`` from ``gateway.engine.worker`` with ``engin
 in a task group (cancelled at the end); the rows are seeded with SQL into ``loras`` and
 ``attempts`` (stage ``poll``, status TRAINING, attempt state ``running``). ``--strict`` exits 1
 when a goal is missed. The temp dir (database, sandbox files) is removed on every exit path.
+
+``--database postgresql`` runs it on a throwaway PostgreSQL server (started by
+``tests/pgserver.py``) instead of the SQLite file; ``--replicas N`` runs the engine in N
+processes on that one database (this one and N-1 children, ``--_replica``), splitting the
+trainings between them through the claims, and prints each one's CPU share. The sandbox's call
+counts are summed over the replicas; the fake WaveSpeed counts every replica's requests itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
 import sys
 import time
 from collections import deque
@@ -42,7 +50,7 @@ import anyio  # noqa: E402
 import httpx  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    STATS_PATH, CountingApp, FakeVendor, handle_sigterm, run_main, temp_dir, verdict,
+    STATS_PATH, CountingApp, FakeVendor, handle_sigterm, postgres_database, run_main, temp_dir, verdict,
 )
 from gateway.config import EngineSettings, settings_from_mapping  # noqa: E402
 from gateway.context import open_gateway  # noqa: E402
@@ -153,27 +161,32 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
                          "min_poll_interval_s": args.interval, "max_poll_interval_s": args.interval}}
 
 
-async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | None) -> dict[str, Any]:
-    configure_logging("console", "warning")
-    engine_cfg = engine_settings(args)
-    if fake is None:
+def gateway_settings(args: argparse.Namespace, tmp: Path, fake_url: str | None, database_url: str | None) -> Any:
+    if fake_url is None:
         name = "counting"
-        providers = {name: {"training_seconds": args.interval}}
-        pm = make_plugin_manager(load_entrypoints=False, extra=[Plugin()])
+        providers: dict[str, Any] = {name: {"training_seconds": args.interval}}
     else:
         name = "wavespeed"
-        providers = {name: {"api_key": FAKE_API_KEY, "base_url": fake.base_url}}
-        pm = make_plugin_manager(load_entrypoints=False)
-    settings = settings_from_mapping({
+        providers = {name: {"api_key": FAKE_API_KEY, "base_url": fake_url}}
+    return name, settings_from_mapping({
         "data_dir": str(tmp / "data"),
+        **({"database": {"url": database_url, "pool_size": 4}} if database_url else {}),
         "providers": providers,
         "routing": {"training": {"providers": [name]}, "inference": {"providers": [name]}},
-        "engine": engine_cfg,
+        "engine": engine_settings(args),
     }, env={})
-    async with open_gateway(settings, pm=pm) as gw:
+
+
+def plugins(fake_url: str | None) -> Any:
+    return make_plugin_manager(load_entrypoints=False, extra=[Plugin()] if fake_url is None else [])
+
+
+async def seed_all(args: argparse.Namespace, tmp: Path, fake_url: str | None, database_url: str | None) -> float:
+    name, settings = gateway_settings(args, tmp, fake_url, database_url)
+    async with open_gateway(settings, pm=plugins(fake_url)) as gw:
         provider = gw.providers[name]
         t0 = time.perf_counter()
-        if fake is None:
+        if fake_url is None:
 
             def save_job(i: int, ref: str, attempt_id: str, t: float) -> None:
                 provider._save(sandbox._TrainingJob(
@@ -184,33 +197,89 @@ async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | Non
             await seed(gw, args.trainings, args.interval, name, lambda i, a: sandbox._ref("t", a), save_job)
         else:
             await seed(gw, args.trainings, args.interval, name, lambda i, a: fake_ref(i))
-        seeded_s = time.perf_counter() - t0
-        print(f"seeded {args.trainings} trainings in {seeded_s:.1f} s; poll interval {args.interval:g} s, "
-              f"window {args.window:g} s after {args.warmup:g} s", flush=True)
-        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        return time.perf_counter() - t0
 
-            async def counts() -> dict[str, int]:
-                if fake is None:
-                    return {"result": CountingSandbox.status_calls}
-                return (await client.get(fake.base_url + STATS_PATH)).json()
 
-            engine = Engine(gw)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(engine.run)
-                await anyio.sleep(args.warmup)
-                fake_cpu0 = fake.cpu_seconds() if fake else 0.0
-                c0 = await counts()
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                await anyio.sleep(args.window)
-                cpu1, wall1 = time.process_time(), time.perf_counter()
-                c1 = await counts()
-                fake_cpu = fake.cpu_seconds() - fake_cpu0 if fake else 0.0
-                tg.cancel_scope.cancel()
-    res: dict[str, Any] = {"calls": c1["result"] - c0["result"], "cpu": cpu1 - cpu0, "wall": wall1 - wall0,
-                           "fake_cpu": fake_cpu}
+async def replica(args: argparse.Namespace, tmp: Path, fake_url: str | None, database_url: str | None,
+                  start_at: float, total: Any = None) -> dict[str, Any]:
+    """One engine process over the window, which starts at the wall-clock time ``start_at`` in
+    every replica: its CPU, and the status calls it made (sandbox) or, given ``total`` (the
+    main process), every replica's calls as the fake counted them."""
+    configure_logging("console", "warning")
+    _, settings = gateway_settings(args, tmp, fake_url, database_url)
+    async with open_gateway(settings, pm=plugins(fake_url)) as gw:
+        engine = Engine(gw)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            await anyio.sleep(max(0.0, start_at - time.time()))
+            c0 = CountingSandbox.status_calls if total is None else await total()
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            await anyio.sleep(args.window)
+            cpu1, wall1 = time.process_time(), time.perf_counter()
+            c1 = CountingSandbox.status_calls if total is None else await total()
+            tg.cancel_scope.cancel()
+    return {"calls": c1 - c0 if total is None else c1, "c0": None if total is None else c0,
+            "cpu": cpu1 - cpu0, "wall": wall1 - wall0}
+
+
+async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | None,
+                     database_url: str | None) -> dict[str, Any]:
+    configure_logging("console", "warning")
+    fake_url = fake.base_url if fake else None
+    seeded_s = await seed_all(args, tmp, fake_url, database_url)
+    print(f"seeded {args.trainings} trainings in {seeded_s:.1f} s; poll interval {args.interval:g} s, "
+          f"window {args.window:g} s after {args.warmup:g} s; {args.replicas} engine process(es) on "
+          f"{'PostgreSQL' if database_url else 'SQLite'}", flush=True)
+    children = []
+    spec = tmp / "replica.json"
+    # every replica's window starts at one moment, after the children have started and warmed up
+    start_at = time.time() + args.warmup + (5.0 if args.replicas > 1 else 0.0)
+    spec.write_text(json.dumps({"args": vars(args), "tmp": str(tmp), "fake_url": fake_url,
+                                "database_url": database_url, "start_at": start_at}))
+    for _ in range(args.replicas - 1):
+        children.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_replica", str(spec)],
+                                         stdout=subprocess.PIPE, text=True))
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+
+        async def fake_counts() -> dict[str, int]:
+            return (await client.get(fake.base_url + STATS_PATH)).json()  # type: ignore[union-attr]
+
+        fake_cpu0 = fake.cpu_seconds() if fake else 0.0
+        at: dict[str, Any] = {}
+
+        async def total() -> int:
+            c = await fake_counts()
+            at["last"] = c
+            return c["result"]
+
+        c_first: dict[str, int] = {}
+
+        async def total_first() -> int:
+            if not c_first:
+                c_first.update(await fake_counts())
+                return c_first["result"]
+            return await total()
+
+        mine = await replica(args, tmp, fake_url, database_url, start_at, total=total_first if fake else None)
+        fake_cpu = fake.cpu_seconds() - fake_cpu0 if fake else 0.0
+    others = []
+    for child in children:
+        out, _ = child.communicate(timeout=args.warmup + args.window + 120)
+        line = [x for x in out.splitlines() if x.startswith("REPLICA ")]
+        if child.returncode != 0 or not line:
+            raise RuntimeError(f"an engine replica failed (exit {child.returncode}):\n{out[-2000:]}")
+        others.append(json.loads(line[-1][len("REPLICA "):]))
+    replicas = [mine, *others]
+    if fake is None:
+        calls = sum(r["calls"] for r in replicas)
+    else:
+        calls = mine["calls"] - mine["c0"]
+    res: dict[str, Any] = {"calls": calls, "cpu": mine["cpu"], "wall": mine["wall"], "fake_cpu": fake_cpu,
+                           "cpu_all": sum(r["cpu"] for r in replicas),
+                           "replica_cpu": [r["cpu"] / r["wall"] * 100 for r in replicas]}
     if fake is not None:
-        res["other"] = c1["other"] - c0["other"]
-        res["non_200"] = c1["non_200"] - c0["non_200"]
+        res["other"] = at["last"]["other"] - c_first["other"]
+        res["non_200"] = at["last"]["non_200"] - c_first["non_200"]
     return res
 
 
@@ -223,11 +292,13 @@ def run(args: argparse.Namespace) -> int:
                 fake.start(timeout=60)
                 print(f"provider: wavespeed (the real WaveSpeedAdapter over HTTP to FakeWaveSpeed at {fake.base_url}, "
                       f"a child process; status requests counted there)", flush=True)
-                res = asyncio.run(main_async(args, tmp, fake))
+                with postgres_database(args.database) as url:
+                    res = asyncio.run(main_async(args, tmp, fake, url))
                 fake_alive, fake_log = fake.alive(), fake.tail(20)
         else:
             print("provider: sandbox (in this process; status calls counted by a subclass)", flush=True)
-            res = asyncio.run(main_async(args, tmp, None))
+            with postgres_database(args.database) as url:
+                res = asyncio.run(main_async(args, tmp, None, url))
             fake_alive, fake_log = True, ""
 
     calls, cpu, wall = res["calls"], res["cpu"], res["wall"]
@@ -239,8 +310,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"status requests   {per_min:,.0f} per minute  (bound: one per training per interval = {bound:,.0f})")
     print(f"per training      {per_training:.2f} requests per interval   (goal <= {RATE_GOAL:g}) -> "
           f"{verdict(per_training <= RATE_GOAL)}")
-    print(f"engine CPU        {share:.1f}% of one core   (goal < {CPU_GOAL:g}%) -> {verdict(share < CPU_GOAL)}")
-    print(f"CPU per poll      {cpu / max(calls, 1) * 1e3:.2f} ms")
+    print(f"database          {args.database}, {args.replicas} engine process(es)")
+    print(f"engine CPU        {share:.1f}% of one core   (goal < {CPU_GOAL:g}%) -> {verdict(share < CPU_GOAL)}"
+          + ("" if args.replicas == 1 else "   (this replica)"))
+    if args.replicas > 1:
+        print("CPU per replica   " + ", ".join(f"{x:.1f}%" for x in res["replica_cpu"]) + " of one core each")
+    print(f"CPU per poll      {res['cpu_all'] / max(calls, 1) * 1e3:.2f} ms" + ("" if args.replicas == 1 else
+                                                                               "   (all replicas)"))
     problems = []
     if args.provider == "wavespeed":
         print(f"fake vendor CPU   {res['fake_cpu'] / wall * 100:.1f}% of one core (its own process; not in the engine's "
@@ -270,11 +346,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=EngineSettings().concurrency,
                    help=f"engine.concurrency (default: the engine's own, {EngineSettings().concurrency})")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
+                   help="the SQLite file (default) or a throwaway PostgreSQL server")
+    p.add_argument("--replicas", type=int, default=1, help="engine processes on the one database (default 1)")
     p.add_argument("--_serve-fake", dest="serve_fake", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_replica", dest="replica_spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_fake:
         serve_fake(args.trainings)
         return 0
+    if args.replica_spec:
+        spec = json.loads(Path(args.replica_spec).read_text())
+        res = asyncio.run(replica(argparse.Namespace(**spec["args"]), Path(spec["tmp"]), spec["fake_url"],
+                                  spec["database_url"], spec["start_at"]))
+        print("REPLICA " + json.dumps(res), flush=True)
+        return 0
+    if args.replicas > 1 and args.database == "sqlite":
+        p.error("--replicas > 1 needs --database postgresql (the claims are what share the work)")
     return run_main(run, args)
 
 
