@@ -201,25 +201,45 @@ async def seed_all(args: argparse.Namespace, tmp: Path, fake_url: str | None, da
 
 
 async def replica(args: argparse.Namespace, tmp: Path, fake_url: str | None, database_url: str | None,
-                  start_at: float, total: Any = None) -> dict[str, Any]:
+                  start_at: float, probe: Any = None) -> dict[str, Any]:
     """One engine process over the window, which starts at the wall-clock time ``start_at`` in
-    every replica: its CPU, and the status calls it made (sandbox) or, given ``total`` (the
-    main process), every replica's calls as the fake counted them."""
+    every replica: its CPU and the status calls it answered (sandbox), plus, in the main
+    process, what ``probe()`` read at the window's start and end (``probe_0``, ``probe_1``)."""
     configure_logging("console", "warning")
     _, settings = gateway_settings(args, tmp, fake_url, database_url)
+    out: dict[str, Any] = {}
     async with open_gateway(settings, pm=plugins(fake_url)) as gw:
         engine = Engine(gw)
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             await anyio.sleep(max(0.0, start_at - time.time()))
-            c0 = CountingSandbox.status_calls if total is None else await total()
+            c0 = CountingSandbox.status_calls
+            if probe is not None:
+                out["probe_0"] = await probe()
             cpu0, wall0 = time.process_time(), time.perf_counter()
             await anyio.sleep(args.window)
             cpu1, wall1 = time.process_time(), time.perf_counter()
-            c1 = CountingSandbox.status_calls if total is None else await total()
+            c1 = CountingSandbox.status_calls
+            if probe is not None:
+                out["probe_1"] = await probe()
             tg.cancel_scope.cancel()
-    return {"calls": c1 - c0 if total is None else c1, "c0": None if total is None else c0,
-            "cpu": cpu1 - cpu0, "wall": wall1 - wall0}
+    return {**out, "calls": c1 - c0, "cpu": cpu1 - cpu0, "wall": wall1 - wall0}
+
+
+def postgres_cpu() -> float:
+    """User + system CPU of every PostgreSQL server process on this machine (the benchmark's
+    own server: nothing else runs one here)."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] in ("postgres", "postmaster"):
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
 
 
 async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | None,
@@ -241,27 +261,14 @@ async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | Non
                                          stdout=subprocess.PIPE, text=True))
     async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
 
-        async def fake_counts() -> dict[str, int]:
-            return (await client.get(fake.base_url + STATS_PATH)).json()  # type: ignore[union-attr]
+        async def probe() -> dict[str, Any]:
+            got: dict[str, Any] = {"db_cpu": postgres_cpu() if database_url else 0.0,
+                                   "fake_cpu": fake.cpu_seconds() if fake else 0.0}
+            if fake is not None:
+                got["fake"] = (await client.get(fake.base_url + STATS_PATH)).json()
+            return got
 
-        fake_cpu0 = fake.cpu_seconds() if fake else 0.0
-        at: dict[str, Any] = {}
-
-        async def total() -> int:
-            c = await fake_counts()
-            at["last"] = c
-            return c["result"]
-
-        c_first: dict[str, int] = {}
-
-        async def total_first() -> int:
-            if not c_first:
-                c_first.update(await fake_counts())
-                return c_first["result"]
-            return await total()
-
-        mine = await replica(args, tmp, fake_url, database_url, start_at, total=total_first if fake else None)
-        fake_cpu = fake.cpu_seconds() - fake_cpu0 if fake else 0.0
+        mine = await replica(args, tmp, fake_url, database_url, start_at, probe=probe)
     others = []
     for child in children:
         out, _ = child.communicate(timeout=args.warmup + args.window + 120)
@@ -270,16 +277,18 @@ async def main_async(args: argparse.Namespace, tmp: Path, fake: FakeVendor | Non
             raise RuntimeError(f"an engine replica failed (exit {child.returncode}):\n{out[-2000:]}")
         others.append(json.loads(line[-1][len("REPLICA "):]))
     replicas = [mine, *others]
+    p0, p1 = mine["probe_0"], mine["probe_1"]
     if fake is None:
         calls = sum(r["calls"] for r in replicas)
     else:
-        calls = mine["calls"] - mine["c0"]
-    res: dict[str, Any] = {"calls": calls, "cpu": mine["cpu"], "wall": mine["wall"], "fake_cpu": fake_cpu,
+        calls = p1["fake"]["result"] - p0["fake"]["result"]
+    res: dict[str, Any] = {"calls": calls, "cpu": mine["cpu"], "wall": mine["wall"],
+                           "fake_cpu": p1["fake_cpu"] - p0["fake_cpu"], "db_cpu": p1["db_cpu"] - p0["db_cpu"],
                            "cpu_all": sum(r["cpu"] for r in replicas),
                            "replica_cpu": [r["cpu"] / r["wall"] * 100 for r in replicas]}
     if fake is not None:
-        res["other"] = at["last"]["other"] - c_first["other"]
-        res["non_200"] = at["last"]["non_200"] - c_first["non_200"]
+        res["other"] = p1["fake"]["other"] - p0["fake"]["other"]
+        res["non_200"] = p1["fake"]["non_200"] - p0["fake"]["non_200"]
     return res
 
 
@@ -315,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
           + ("" if args.replicas == 1 else "   (this replica)"))
     if args.replicas > 1:
         print("CPU per replica   " + ", ".join(f"{x:.1f}%" for x in res["replica_cpu"]) + " of one core each")
+    if args.database == "postgresql":
+        print(f"PostgreSQL CPU    {res['db_cpu'] / wall * 100:.1f}% of one core (the server's processes; not in the engine's figure)")
     print(f"CPU per poll      {res['cpu_all'] / max(calls, 1) * 1e3:.2f} ms" + ("" if args.replicas == 1 else
                                                                                "   (all replicas)"))
     problems = []

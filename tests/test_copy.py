@@ -158,6 +158,13 @@ def test_copy_preserves_every_row_and_refuses_a_database_with_rows(tmp_path: Pat
             with pytest.raises(CopyError, match="not empty"):
                 await copy_database(source, dest)
             assert await dump(dest) == await dump(source)
+            back = database_at(settings, "sqlite:///back.sqlite3")  # and the other way
+            await back.open()
+            try:
+                await copy_database(dest, back)
+                assert await dump(back) == await dump(source)
+            finally:
+                await back.close()
         finally:
             await dest.close()
             await source.close()
