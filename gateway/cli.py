@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import anyio
@@ -17,8 +19,16 @@ from gateway.store.db import Database, MigrationsPending, SchemaTooNew, database
 from gateway.store.migrations import NAMES
 
 
+#: the config file when --config is not given
+CONFIG_ENV = "LORA_GATEWAY_CONFIG"
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or None
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
+    settings = load_settings(_config_path(args))
     overrides: dict[str, Any] = {}
     if getattr(args, "host", None):
         overrides["host"] = args.host
@@ -122,11 +132,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+class NoDatabase(RuntimeError):
+    pass
+
+
+def _existing(settings: Settings, args: argparse.Namespace) -> None:
+    """Admin commands work on a gateway's database; they never make a new, empty one."""
+    if settings.database_backend != "sqlite" or settings.database_path.exists():
+        return
+    where = _config_path(args)
+    how = (f"the config file {where}" if where else "the embedded defaults (no --config, no $" + CONFIG_ENV + ")")
+    if getattr(args, "data_dir", None):
+        how += f" with --data-dir {args.data_dir}"
+    raise NoDatabase(
+        f"no database at {settings.database_path} (from {how}). Point the command at the gateway's: "
+        f"--data-dir DIR, --config FILE, or {CONFIG_ENV}=FILE (`lora-gateway serve` prints where its data is); "
+        "`lora-gateway migrate` makes a new database")
+
+
 def _admin(args: argparse.Namespace, fn: Callable[[Database], Awaitable[Any]]) -> int:
     settings = _settings(args)
     configure_logging(settings.logging.format, "warning")
-    anyio.run(_with_db, settings, fn)
-    return 0
+    _existing(settings, args)
+    return anyio.run(_with_db, settings, fn) or 0
 
 
 def cmd_teams_create(args: argparse.Namespace) -> int:
@@ -135,6 +163,9 @@ def cmd_teams_create(args: argparse.Namespace) -> int:
             db, name=args.name, credits=args.credits, max_concurrent_trainings=args.max_trainings, email=args.email
         )
         print(f"team {team.id}  name={team.name}  credits={team.credits}  max_concurrent_trainings={team.max_concurrent_trainings}")
+        if team.credits == 0:
+            print(f"It has no credits: every charged request is refused (402) until you add some, e.g. "
+                  f"`lora-gateway credits add {team.name} 1000` (or create it with --credits N).")
         print(f"API key (shown only this once): {new.key}")
 
     return _admin(args, go)
@@ -152,8 +183,9 @@ def cmd_teams_list(args: argparse.Namespace) -> int:
 
 def cmd_teams_limits(args: argparse.Namespace) -> int:
     async def go(db: Database) -> None:
+        team = await accounts.resolve_team(db, args.team)
         t = await accounts.set_limits(
-            db, args.team, max_concurrent_trainings=args.max_trainings, rate_limit_per_minute=args.rate_limit
+            db, team.id, max_concurrent_trainings=args.max_trainings, rate_limit_per_minute=args.rate_limit
         )
         print(f"team {t.id}  max_concurrent_trainings={t.max_concurrent_trainings}  rate_limit={t.rate_limit_per_minute}")
 
@@ -183,21 +215,23 @@ def cmd_teams_route(args: argparse.Namespace) -> int:
     route = _route_from_args(args)
 
     async def go(db: Database) -> None:
-        routes = await accounts.set_route(db, args.team, args.operation, route, settings.providers)
+        team = await accounts.resolve_team(db, args.team)
+        routes = await accounts.set_route(db, team.id, args.operation, route, settings.providers)
         if not routes:
-            print(f"team {args.team}  routes: the gateway's defaults")
+            print(f"team {team.id}  routes: the gateway's defaults")
         for op, r in sorted((routes or {}).items()):
             weights = "".join(f" {k}={v:g}" for k, v in r.get("weights", {}).items())
-            print(f"team {args.team}  {op}: {r['strategy']} {','.join(r['providers'])}{weights}")
+            print(f"team {team.id}  {op}: {r['strategy']} {','.join(r['providers'])}{weights}")
 
     configure_logging(settings.logging.format, "warning")
+    _existing(settings, args)
     anyio.run(_with_db, settings, go)
     return 0
 
 
 def cmd_credits_add(args: argparse.Namespace) -> int:
     async def go(db: Database) -> None:
-        t = await accounts.add_credits(db, args.team, args.amount, args.reason)
+        t = await accounts.add_credits(db, (await accounts.resolve_team(db, args.team)).id, args.amount, args.reason)
         print(f"team {t.id}  credits={t.credits}")
 
     return _admin(args, go)
@@ -205,7 +239,7 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     async def go(db: Database) -> None:
-        new = await accounts.create_key(db, args.team, args.name)
+        new = await accounts.create_key(db, (await accounts.resolve_team(db, args.team)).id, args.name)
         print(f"key {new.record.id}  name={new.record.name}  prefix={new.record.prefix}")
         print(f"API key (shown only this once): {new.key}")
 
@@ -213,16 +247,25 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    async def go(db: Database) -> None:
-        done = await accounts.revoke_key(db, args.key_id)
-        print("revoked" if done else "no such key, or already revoked")
+    async def go(db: Database) -> int:
+        key = await accounts.resolve_key(db, args.key)
+        if key.revoked_at is not None:
+            print(f"key {key.id} ({key.prefix}…) was revoked already", file=sys.stderr)
+            return 1
+        await accounts.revoke_key(db, key.id)
+        print(f"revoked key {key.id} ({key.prefix}…, {key.name!r})")
+        return 0
 
     return _admin(args, go)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     async def go(db: Database) -> None:
-        for k in await accounts.list_keys(db, args.team):
+        team = await accounts.resolve_team(db, args.team)
+        keys = await accounts.list_keys(db, team.id)
+        if not keys:
+            print(f"team {team.id} ({team.name!r}) has no keys: `lora-gateway keys create {team.name}`")
+        for k in keys:
             state = "revoked" if k.revoked_at else ("active" if k.active else "inactive")
             print(f"{k.id}  {k.prefix}…  {k.name!r}  {state}")
 
@@ -262,6 +305,11 @@ def cmd_copy(args: argparse.Namespace) -> int:
         print(f"lora-gateway copy: {e}", file=sys.stderr)
         return 2
 
+    src_path = getattr(source, "path", None)
+    if src_path is not None and not Path(src_path).exists():
+        print(f"lora-gateway copy: no database at {src_path}", file=sys.stderr)
+        return 2
+
     async def go() -> int:
         await source.open(migrate=False)
         try:
@@ -295,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+        sp.add_argument("--config", "-c", help=f"YAML config file (default: ${CONFIG_ENV}, else the embedded defaults)")
         sp.add_argument("--data-dir", help="override data_dir (database, blobs, provider state)")
 
     s = sub.add_parser("serve", help="run the API (and, by default, the workers)")
@@ -334,13 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_teams_list)
     s = teams.add_parser("set-limits", help="set a team's max_concurrent_trainings and/or rate limit")
     common(s)
-    s.add_argument("team")
+    s.add_argument("team", help="the team's id or name")
     s.add_argument("--max-trainings", type=int)
     s.add_argument("--rate-limit", type=int, help="requests per minute per key (0 = unlimited)")
     s.set_defaults(fn=cmd_teams_limits)
     s = teams.add_parser("set-route", help="give a team its own route for training or inference (or --clear it)")
     common(s)
-    s.add_argument("team")
+    s.add_argument("team", help="the team's id or name")
     s.add_argument("--operation", choices=["training", "inference"], required=True)
     s.add_argument("--strategy", choices=["priority", "cheapest", "weighted"], default="priority")
     s.add_argument("--providers", help="provider instances, comma-separated, in priority order")
@@ -351,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     credits = sub.add_parser("credits", help="manage credits").add_subparsers(dest="action", required=True)
     s = credits.add_parser("add", help="add (or, with a negative amount, remove) credits")
     common(s)
-    s.add_argument("team")
+    s.add_argument("team", help="the team's id or name")
     s.add_argument("amount", type=int)
     s.add_argument("--reason", default="admin grant")
     s.set_defaults(fn=cmd_credits_add)
@@ -359,16 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     s = keys.add_parser("create", help="create a key (shown once)")
     common(s)
-    s.add_argument("team")
+    s.add_argument("team", help="the team's id or name")
     s.add_argument("--name", default="default")
     s.set_defaults(fn=cmd_keys_create)
     s = keys.add_parser("revoke", help="revoke a key")
     common(s)
-    s.add_argument("key_id")
+    s.add_argument("key", help="the key's id, its prefix (afk_XXXX, as `keys list` shows) or the key itself")
     s.set_defaults(fn=cmd_keys_revoke)
     s = keys.add_parser("list", help="list a team's keys")
     common(s)
-    s.add_argument("team")
+    s.add_argument("team", help="the team's id or name")
     s.set_defaults(fn=cmd_keys_list)
     return p
 
@@ -381,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-gateway: config error: {e}", file=sys.stderr)
         return 2
     except (SchemaTooNew, MigrationsPending) as e:
+        print(f"lora-gateway: {e}", file=sys.stderr)
+        return 2
+    except NoDatabase as e:
         print(f"lora-gateway: {e}", file=sys.stderr)
         return 2
     except GatewayError as e:

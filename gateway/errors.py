@@ -71,6 +71,11 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class Gone(GatewayError):
+    status_code = 410
+    code = "gone"
+
+
 class InsufficientCredits(GatewayError):
     status_code = 402
     code = "insufficient_credits"

@@ -89,7 +89,8 @@ class UrlPolicy:
             return found
         bad = [a for a in found if not is_public_address(a)]
         if bad:
-            raise UnsafeUrl(f"the host {host!r} resolves to a non-public address ({bad[0]})")
+            raise UnsafeUrl(f"the host {host!r} resolves to a non-public address ({bad[0]}); a gateway operator "
+                            "can allow it by listing the host in `webhooks.allow_hosts`")
         return found
 
     async def check(self, url: str) -> None:
@@ -101,7 +102,9 @@ class UrlPolicy:
         if not u.host:
             raise UnsafeUrl("the URL has no host")
         if u.scheme != "https" and not (u.scheme == "http" and self.allowed(u.host)):
-            raise UnsafeUrl("the URL must use https://")
+            raise UnsafeUrl("the URL must use https:// (plain http:// only reaches hosts a gateway operator lists "
+                            "in `webhooks.allow_hosts`, as written in the URL: a name, or an IP literal such as "
+                            "127.0.0.1; `localhost` does not cover 127.0.0.1)")
         if u.userinfo:
             raise UnsafeUrl("the URL must not contain credentials")
         await self.addresses(u.host, u.port or (443 if u.scheme == "https" else 80))

@@ -21,9 +21,16 @@ class UrlSigner:
         expires = int((time.time() if at is None else at) + ttl_s)
         return f"{self.base_url}/files/{quote(key)}?expires={expires}&sig={self._sig(key, expires)}"
 
-    def verify(self, key: str, expires: str | None, sig: str | None, *, at: float | None = None) -> bool:
-        if not expires or not sig or not expires.isdigit():
-            return False
+    def check(self, key: str, expires: str | None, sig: str | None, *, at: float | None = None) -> str:
+        """``ok``; ``expired`` (signed by this gateway, but its time is up); or ``invalid``
+        (no signature, or not one this gateway made)."""
+        if not expires or not sig or not expires.isdigit() or len(expires) > 12:
+            return "invalid"
+        if not hmac.compare_digest(self._sig(key, int(expires)), sig):
+            return "invalid"
         if int(expires) < (time.time() if at is None else at):
-            return False
-        return hmac.compare_digest(self._sig(key, int(expires)), sig)
+            return "expired"
+        return "ok"
+
+    def verify(self, key: str, expires: str | None, sig: str | None, *, at: float | None = None) -> bool:
+        return self.check(key, expires, sig, at=at) == "ok"

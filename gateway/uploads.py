@@ -128,8 +128,10 @@ def _size_text(n: int) -> str:
 
 
 def _label(index: int, filename: str | None) -> str:
-    """``images[3] ("x.jpg")``, or ``images[3]`` when the part has no filename."""
-    return f"images[{index}] ({msgspec.json.encode(filename).decode()})" if filename else f"images[{index}]"
+    """``image 4 ("x.jpg")``, or ``image 4`` when the part has no filename: counted from 1, as
+    a person counts the files they chose (``index`` is 0-based)."""
+    n = index + 1
+    return f"image {n} ({msgspec.json.encode(filename).decode()})" if filename else f"image {n}"
 
 
 def _formats_text(formats: tuple[str, ...]) -> str:

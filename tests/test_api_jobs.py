@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import time
@@ -17,6 +18,7 @@ from gateway.imaging import SIZES
 from gateway.keys import display_prefix, generate_key, key_digest
 from gateway.services import accounts
 from gateway.store import teams as teams_store
+from gateway.timeutil import iso
 from tests.conftest import Api
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -368,7 +370,7 @@ async def test_same_seed_same_bytes_different_seed_different(ready: tuple[Api, d
     assert a != c
 
 
-async def test_tampered_or_expired_urls_are_404(ready: tuple[Api, dict[str, Any]]) -> None:
+async def test_forged_urls_are_403_expired_ones_410_missing_files_404(ready: tuple[Api, dict[str, Any]]) -> None:
     api, lora = ready
     job = await run_job(api, body_for(lora["id"]))
     (url,) = job["result"]["images"]
@@ -385,15 +387,23 @@ async def test_tampered_or_expired_urls_are_404(ready: tuple[Api, dict[str, Any]
         parts.path,  # nothing
         f"{parts.path}?expires=abc&sig={q['sig']}",
         f"{parts.path.rsplit('/', 1)[0]}/other.png?expires={q['expires']}&sig={q['sig']}",  # another key
-        path_of(api.gw.signer.sign(key, 10, at=time.time() - 3600)),  # expired, correctly signed
+        f"{parts.path}?expires={'9' * 40}&sig={q['sig']}",  # an absurd expiry
     ]
     for p in bad:
         r = await api.client.get(p)
-        assert r.status_code == 404, (p, r.status_code)
-        assert isinstance(r.json()["error"], str)
-    # a correctly signed URL for a key that does not exist
-    r = await api.client.get(path_of(api.gw.signer.sign("jobs/nope/1.png", 60)))
-    assert r.status_code == 404
+        assert r.status_code == 403, (p, r.status_code)
+        assert "signature" in r.json()["error"] and "use the URL exactly" in r.json()["error"]
+    # expired, correctly signed: 410, saying when, and what gives a fresh link
+    expired_at = int(time.time() - 3600) + 10
+    r = await api.client.get(path_of(api.gw.signer.sign(key, 10, at=time.time() - 3600)))
+    assert r.status_code == 410 and r.json()["code"] == "gone"
+    assert iso(expired_at) in r.json()["error"] and "GET the job" in r.json()["error"]
+    # a correctly signed URL for a key that does not exist, or cannot exist
+    for missing in ("jobs/nope/1.png", "jobs/../../etc/passwd", "jobs/a/../b.png", "jobs/a/./b.png"):
+        # dots escaped, so that the client sends them as they are (httpx would resolve them)
+        r = await api.client.get(path_of(api.gw.signer.sign(missing, 60)).replace("/.", "/%2E").replace("%2E.", "%2E%2E"))
+        assert r.status_code == 404, (missing, r.status_code, r.text)
+        assert "File not found" in r.json()["error"]
     # a fresh signature for the real key works without an API key
     assert (await api.client.get(path_of(api.gw.signer.sign(key, 60)))).status_code == 200
 
@@ -478,6 +488,8 @@ async def test_list_jobs_filters(ready: tuple[Api, dict[str, Any]]) -> None:
         ("cursor=!!!", "cursor"),
         ("cursor=abc", "cursor"),
         ("cursor=" + "YWJj", "cursor"),  # base64 of "abc"
+        *[("cursor=" + base64.urlsafe_b64encode(f"{t}|{uuid.UUID(int=7)}".encode()).decode().rstrip("="), "cursor")
+          for t in ("nan", "1e999", "inf", "-1", "1_000", " 12", "12e3", "0x10")],  # float() takes all of these
         ("scope=everyone", "scope"),
         ("search=nope", "search"),
         ("include_models=yes", "include_models"),
@@ -534,3 +546,30 @@ async def test_uuids_are_case_insensitive(ready: tuple[Api, dict[str, Any]]) -> 
     assert [j["id"] for j in listed["jobs"]] == [job_id]
     got = await api.client.get(f"/v2/loras/{lora['id'].upper()}", headers=api.h())
     assert got.status_code == 200 and got.json()["id"] == lora["id"]
+
+
+@pytest.mark.parametrize(
+    ("params", "path", "message"),
+    [
+        ({"aspect_ratio": "5:4"}, "fluxLoraParams.aspect_ratio", "Must be one of 16:9, 1:1, 2:3, 3:2, 3:4, 4:3, 9:16"),
+        ({"num_outputs": 5}, "fluxLoraParams.num_outputs", "Must be between 1 and 4"),
+        ({"num_outputs": "two"}, "fluxLoraParams.num_outputs", "Must be an integer between 1 and 4"),
+        ({"guidance_scale": 0.5}, "fluxLoraParams.guidance_scale", "Must be between 1 and 10"),
+        ({"output_format": "gif"}, "fluxLoraParams.output_format", "Must be one of jpg, png, webp"),
+        ({"lora_scale": 1}, "fluxLoraParams.lora_scale", "Unknown field"),
+    ],
+)
+async def test_generation_errors_speak_like_the_upload_side(api: Api, params: dict[str, Any], path: str,
+                                                          message: str) -> None:
+    """The same wording as form fields and query parameters: allowed values and ranges, not msgspec's."""
+    msgs = assert_400(await generate(api, body_for(str(uuid.uuid4()), **params)), path)
+    assert msgs == [message]
+    assert "Invalid enum value" not in str(msgs) and "Expected `" not in str(msgs)
+
+
+async def test_body_level_errors_are_worded_too(api: Api) -> None:
+    assert assert_400(await generate(api, body_for(str(uuid.uuid4()), prompt="x" * 2001)), "prompt") == \
+        ["Must be at most 2000 characters"]
+    assert assert_400(await generate(api, {**body_for(str(uuid.uuid4())), "webhookEvents": []}), "webhookEvents") == \
+        ["Must not be empty"]
+    assert assert_400(await generate(api, [1, 2]), "body") == ["Must be an object"]

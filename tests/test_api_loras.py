@@ -334,14 +334,14 @@ async def test_create_accepts_15_and_30_images(env: Env, n: int) -> None:
 async def test_create_rejects_bad_image_part(env: Env, bad: bytes, filename: str, ctype: str) -> None:
     parts = field_parts(PERSON) + image_parts(image_set(15)) + [("images", filename, bad, ctype)]
     msgs = assert_400(await post_raw(env.api, encode(parts)), "images")
-    assert "images[15]" in msgs[0]
+    assert "image 16 (" in msgs[0]  # counted from 1: the sixteenth file
     await env.assert_nothing_created()
 
 
 async def test_bad_image_first_is_reported_with_its_index(env: Env) -> None:
     parts = field_parts(PERSON) + [("images", "anim.gif", gif_bytes(), "image/gif")] + image_parts(image_set(15))
     msgs = assert_400(await post_raw(env.api, encode(parts)), "images")
-    assert "images[0]" in msgs[0]
+    assert "image 1 (\"anim.gif\")" in msgs[0]
     await env.assert_nothing_created()
 
 
@@ -362,7 +362,7 @@ async def test_image_over_the_per_image_limit(make_api: Callable[..., Any], tmp_
         assert len(big) > 0.05 * 1024 * 1024
         parts = field_parts(PERSON) + image_parts(image_set(15)) + [("images", "big.png", big, "image/png")]
         msgs = assert_400(await post_raw(e.api, encode(parts)), "images")
-        assert "images[15]" in msgs[0] and "limit" in msgs[0]
+        assert "image 16 (" in msgs[0] and "limit" in msgs[0]
         await e.assert_nothing_created()
         # just under the limit is fine
         ok = noise_png((120, 120))

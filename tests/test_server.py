@@ -145,29 +145,70 @@ def test_second_start_on_the_same_data_prints_no_new_key(server) -> None:
 
 def test_admin_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = ["--data-dir", str(tmp_path)]
+    # an admin command never makes a database: it says where it looked and how to point it elsewhere
+    assert main(["teams", "create", "acme", *d]) == 2
+    err = capsys.readouterr().err
+    assert f"no database at {tmp_path / 'gateway.sqlite3'}" in err and "--data-dir" in err and "LORA_GATEWAY_CONFIG" in err
+    assert not (tmp_path / "gateway.sqlite3").exists()
+    assert main(["migrate", *d]) == 0
+    capsys.readouterr()
     assert main(["teams", "create", "acme", "--credits", "500", "--max-trainings", "3", *d]) == 0
     out = capsys.readouterr().out
     team_id = re.search(r"team ([0-9a-f-]{36})", out).group(1)
     first_key = re.search(r"once\): (afk_\S+)", out).group(1)
-    assert main(["credits", "add", team_id, "250", *d]) == 0
+    assert "credits=500" in out and "no credits" not in out
+    # teams by name (any case) or id
+    assert main(["credits", "add", "ACME", "250", *d]) == 0
     assert "credits=750" in capsys.readouterr().out
     assert main(["teams", "set-limits", team_id, "--max-trainings", "7", "--rate-limit", "30", *d]) == 0
     assert "max_concurrent_trainings=7" in capsys.readouterr().out
-    assert main(["keys", "create", team_id, "--name", "ci", *d]) == 0
+    assert main(["keys", "create", "acme", "--name", "ci", *d]) == 0
     out = capsys.readouterr().out
     key_id = re.search(r"key ([0-9a-f-]{36})", out).group(1)
     second_key = re.search(r"once\): (afk_\S+)", out).group(1)
     assert second_key != first_key
+    # keys by id, by prefix, or by the key itself
     assert main(["keys", "revoke", key_id, *d]) == 0
-    assert "revoked" in capsys.readouterr().out
-    assert main(["keys", "list", team_id, *d]) == 0
+    assert "revoked key" in capsys.readouterr().out
+    assert main(["keys", "revoke", key_id, *d]) == 1
+    assert "revoked already" in capsys.readouterr().err
+    assert main(["keys", "revoke", first_key, *d]) == 0
+    out = capsys.readouterr().out
+    assert "revoked key" in out and first_key not in out  # never echoed whole
+    assert main(["keys", "list", "acme", *d]) == 0
     listing = capsys.readouterr().out
-    assert "revoked" in listing and "active" in listing
+    assert listing.count("revoked") == 2
     assert first_key not in listing and second_key not in listing  # never shown again
     # keys are stored hashed: the database file holds neither key
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("gateway.sqlite3*"))
     assert first_key.encode() not in raw and second_key.encode() not in raw
+    # not found: a message and a non-zero exit, everywhere
     assert main(["credits", "add", "00000000-0000-0000-0000-000000000000", "1", *d]) == 1
+    assert main(["keys", "list", "nobody", *d]) == 1
+    assert "no team with the id or name 'nobody'" in capsys.readouterr().err
+    assert main(["keys", "create", "nobody", *d]) == 1
+    assert main(["keys", "revoke", "afk_nope", *d]) == 1
+    assert "no API key" in capsys.readouterr().err
+    # a team without credits says so, and how to add some
+    assert main(["teams", "create", "broke", *d]) == 0
+    assert "credits add broke" in capsys.readouterr().out
+    # two teams with one name: the id is asked for
+    assert main(["teams", "create", "acme", *d]) == 0
+    capsys.readouterr()
+    assert main(["credits", "add", "acme", "1", *d]) == 1
+    assert "2 teams are named 'acme'" in capsys.readouterr().err
+
+
+def test_the_config_file_may_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    monkeypatch.setenv("LORA_GATEWAY_CONFIG", str(cfg))
+    assert main(["teams", "list"]) == 2
+    assert f"the config file {cfg}" in capsys.readouterr().err
+    assert main(["migrate"]) == 0
+    assert (tmp_path / "data" / "gateway.sqlite3").exists()
+    assert main(["teams", "list"]) == 0
 
 
 def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:

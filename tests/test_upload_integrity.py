@@ -20,7 +20,7 @@ from tests.images import make_image
 from tests.test_uploads import encode, receive, rejected
 
 ONE = UploadLimits(min_images=1, max_images=5)
-CORRUPT = 'images[0] ("x.img"): the file is truncated or corrupt'
+CORRUPT = 'image 1 ("x.img"): the file is truncated or corrupt'
 
 
 def photo(size: tuple[int, int] = (320, 240), seed: int = 0, mode: str = "RGB") -> Image.Image:

@@ -146,7 +146,7 @@ async def test_too_many_images_rejected_when_31st_starts(tmp_path: Path) -> None
     with pytest.raises(UploadRejected) as info:
         await receive_upload(feed.__aiter__(), CT, UploadLimits(), tmp_root=tmp_path)
     assert "at most 30 images are allowed" in info.value.message
-    assert 'images[30] ("photo30.jpg")' in info.value.message
+    assert 'image 31 ("photo30.jpg")' in info.value.message
     assert feed.pulled < feed.total - 10
     assert list(tmp_path.iterdir()) == []
 
@@ -168,7 +168,7 @@ async def test_image_over_per_part_limit_stops_reading(tmp_path: Path) -> None:
     limits = UploadLimits(min_images=1, max_image_bytes=20_000)
     with pytest.raises(UploadRejected) as info:
         await receive_upload(feed.__aiter__(), CT, limits, tmp_root=tmp_path)
-    assert info.value.message == 'images[2] ("photo02.png") is larger than the 20000 bytes limit per image'
+    assert info.value.message == 'image 3 ("photo02.png") is larger than the 20000 bytes limit per image'
     assert info.value.path == "images"
     assert feed.pulled < feed.total
     assert list(tmp_path.iterdir()) == []
@@ -178,7 +178,7 @@ async def test_mb_limit_message(tmp_path: Path) -> None:
     big = noise_png((620, 620))
     assert len(big) > 1024 * 1024
     err = await rejected(encode(images([big])), tmp_path, UploadLimits(min_images=1, max_image_bytes=1024 * 1024))
-    assert err.message == 'images[0] ("photo00.jpg") is larger than the 1 MB limit per image'
+    assert err.message == 'image 1 ("photo00.jpg") is larger than the 1 MB limit per image'
 
 
 async def test_total_over_limit(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ async def test_total_over_limit(tmp_path: Path) -> None:
     feed = Feed(encode(images(blobs)), 7)
     with pytest.raises(UploadRejected) as info:
         await receive_upload(feed.__aiter__(), CT, UploadLimits(min_images=1, max_total_bytes=limit), tmp_root=tmp_path)
-    assert info.value.message == f'the images total more than {limit} bytes (at images[4] ("photo04.jpg"))'
+    assert info.value.message == f'the images total more than {limit} bytes (at image 5 ("photo04.jpg"))'
     assert feed.pulled < feed.total
     assert list(tmp_path.iterdir()) == []
 
@@ -215,7 +215,7 @@ def _other_format(fmt: str) -> bytes:
                          ids=["gif", "bmp", "text", "empty"])
 async def test_not_an_allowed_image(tmp_path: Path, blob: bytes) -> None:
     err = await rejected(encode([*images([make_image("JPEG")]), ("images", "cat.jpg", blob)]), tmp_path, size=7)
-    assert err.message == 'images[1] ("cat.jpg"): not a JPEG, PNG or WebP image' and err.path == "images"
+    assert err.message == 'image 2 ("cat.jpg"): not a JPEG, PNG or WebP image' and err.path == "images"
 
 
 async def test_decompression_bomb(tmp_path: Path) -> None:
@@ -224,13 +224,13 @@ async def test_decompression_bomb(tmp_path: Path) -> None:
     assert len(buf.getvalue()) < 200_000
     err = await rejected(encode([("images", "bomb.png", buf.getvalue())]), tmp_path,
                          UploadLimits(min_images=1, max_image_pixels=1_000_000))
-    assert err.message.startswith('images[0] ("bomb.png"): 4000x4000 is more than the 1,000,000 pixel limit')
+    assert err.message.startswith('image 1 ("bomb.png"): 4000x4000 is more than the 1,000,000 pixel limit')
 
 
 async def test_pillow_bomb_error_is_the_same_rejection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow raises DecompressionBombError in open()
     err = await rejected(encode([("images", "x.png", make_image("PNG", (64, 48)))]), tmp_path)
-    assert err.message == 'images[0] ("x.png"): too many pixels (possible decompression bomb)'
+    assert err.message == 'image 1 ("x.png"): too many pixels (possible decompression bomb)'
 
 
 async def test_load_truncated_images_set_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,7 +244,7 @@ async def test_load_truncated_images_set_is_refused(tmp_path: Path, monkeypatch:
 async def test_truncated_image(tmp_path: Path, fmt: str) -> None:
     blob = make_image(fmt, (200, 150), seed=5)
     err = await rejected(encode([("images", "half.jpg", blob[: len(blob) // 2])]), tmp_path)
-    assert err.message == 'images[0] ("half.jpg"): the file is truncated or corrupt'
+    assert err.message == 'image 1 ("half.jpg"): the file is truncated or corrupt'
 
 
 # --- fields ----------------------------------------------------------------------------------------

@@ -250,11 +250,20 @@ async def test_dns_rebinding_is_caught_at_connect_time() -> None:
 
 
 async def test_allow_list_lets_named_hosts_through() -> None:
-    policy = UrlPolicy(["localhost", "127.0.0.1"], resolver=fake_resolver)
+    policy = UrlPolicy(["localhost", "127.0.0.1", "::1"], resolver=fake_resolver)
     await policy.check("http://localhost:8080/hook")
     await policy.check("http://127.0.0.1/hook")
-    with pytest.raises(UnsafeUrl):
+    await policy.check("http://[::1]:9000/hook")  # IP literals, v6 too
+    with pytest.raises(UnsafeUrl, match="webhooks.allow_hosts"):
         await policy.check("http://example.com/hook")
+
+
+async def test_refusals_say_how_an_operator_allows_a_host() -> None:
+    policy = UrlPolicy(["localhost"], resolver=fake_resolver)
+    with pytest.raises(UnsafeUrl, match=r"webhooks.allow_hosts.*127\.0\.0\.1.*localhost. does not cover"):
+        await policy.check("http://127.0.0.1:8000/hook")  # listed as a name, used as an address
+    with pytest.raises(UnsafeUrl, match=r"non-public address \(10\.0\.0\.5\).*webhooks.allow_hosts"):
+        await policy.check("https://internal.example.com/hook")
 
 
 async def test_a_batch_of_deliveries_arrives_exactly_once_each(make_api, capsys) -> None:

@@ -10,7 +10,9 @@ from typing import Any
 from gateway.api.auth import caller, gateway
 from gateway.engine.worker import engine_stale_after
 from gateway.store import workers as workers_store
-from gateway.errors import NotFound
+from gateway.errors import Forbidden, Gone, NotFound
+from gateway.timeutil import iso
+from plugins.storage.base import StorageError
 from gateway.services import accounts
 
 CONTENT_TYPES = {
@@ -62,11 +64,18 @@ async def readyz(request: Request) -> Response:
 async def files(request: Request, key: str) -> Stream:
     gw = gateway(request)
     key = key.lstrip("/")
-    if not gw.signer.verify(key, request.query_params.get("expires"), request.query_params.get("sig")):
-        raise NotFound("Not found")  # bad, expired or missing signature: nothing to reveal
-    size = await gw.storage.size(key)
+    expires = request.query_params.get("expires")
+    state = gw.signer.check(key, expires, request.query_params.get("sig"))
+    if state == "invalid":  # nothing about the file is revealed
+        raise Forbidden("This link's signature is missing or not valid: use the URL exactly as the API returned it")
+    if state == "expired":
+        raise Gone(f"This link expired at {iso(int(expires or 0))}: GET the job (or the LoRA) again for fresh links")
+    try:
+        size = await gw.storage.size(key)
+    except StorageError:  # a key no file can have (``..``, an absolute path): signed or not, nothing there
+        size = None
     if size is None:
-        raise NotFound("Not found")
+        raise NotFound("File not found: it was deleted (files are kept for a while, then removed), or never existed")
     ext = key.rsplit(".", 1)[-1]
     return Stream(
         gw.storage.iter_bytes(key),

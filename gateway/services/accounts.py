@@ -9,8 +9,8 @@ import structlog
 
 from gateway.authcache import AuthCache
 from gateway.config import ConfigError, RouteSettings, check_route
-from gateway.errors import Forbidden, NotFound, RateLimited, Unauthorized, ValidationFailed
-from gateway.keys import display_prefix, generate_key, key_digest
+from gateway.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthorized, ValidationFailed
+from gateway.keys import KEY_PREFIX, display_prefix, generate_key, key_digest
 from gateway.store import ledger as ledger_store
 from gateway.store import teams as teams_store
 from gateway.store.base import Database
@@ -164,6 +164,33 @@ async def set_route(db: Database, team_id: str, operation: str, route: RouteSett
             routes[operation] = msgspec.to_builtins(route)
         await teams_store.set_team_routing(conn, team_id, routes or None)
     return routes or None
+
+
+async def resolve_team(db: Database, ref: str) -> Team:
+    """The team ``ref`` names: its id, or its name (case-insensitive) when that is unique."""
+    async with db.read() as conn:
+        found = await teams_store.find_teams(conn, ref)
+    if not found:
+        raise NotFound(f"no team with the id or name {ref!r} (`lora-gateway teams list` shows them)")
+    if len(found) > 1:
+        ids = ", ".join(t.id for t in found)
+        raise Conflict(f"{len(found)} teams are named {ref!r}; give one's id instead: {ids}")
+    return found[0]
+
+
+async def resolve_key(db: Database, ref: str) -> ApiKey:
+    """The API key ``ref`` names: its id, its display prefix (``afk_XXXX``, when unique), or the
+    key itself."""
+    digest = key_digest(ref) if ref.startswith(KEY_PREFIX) and len(ref) > len(display_prefix(ref)) else None
+    async with db.read() as conn:
+        found = await teams_store.find_keys(conn, key_id=ref.lower(), prefix=ref, digest=digest)
+    if not found:
+        raise NotFound(f"no API key with the id, prefix or value {display_prefix(ref) + '…' if digest else ref!r} "
+                       "(`lora-gateway keys list TEAM` shows a team's keys)")
+    if len(found) > 1:
+        ids = ", ".join(k.id for k in found)
+        raise Conflict(f"{len(found)} keys start with {ref!r}; give one's id instead: {ids}")
+    return found[0]
 
 
 async def list_teams(db: Database) -> list[Team]:

@@ -13,7 +13,8 @@ from gateway.context import Gateway
 from gateway.engine.jobs import CREDITS_PER_IMAGE
 from gateway.services import idempotency
 from gateway.services.loras import check_webhook_url
-from gateway.errors import InsufficientCredits, NotFound, ValidationFailed, split_validation_error
+from gateway.errors import InsufficientCredits, NotFound, ValidationFailed
+from gateway.validation import decode_error_message
 from gateway.store import jobs as jobs_store
 from gateway.store import ledger as ledger_store
 from gateway.store import loras as loras_store
@@ -57,14 +58,8 @@ def decode_generate(body: bytes) -> tuple[GenerateImageRequest, frozenset[str]]:
     try:
         req = msgspec.json.decode(body, type=GenerateImageRequest)
     except msgspec.ValidationError as e:
-        path, msg = split_validation_error(e)
+        path, msg = decode_error_message(GenerateImageRequest, e)
         path = path or "body"
-        unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
-        missing = re.match(r"Object missing required field `([^`]+)`", msg)
-        if unknown or missing:
-            name = (unknown or missing).group(1)  # type: ignore[union-attr]
-            path = f"{path}.{name}" if path != "body" else name
-            msg = "Unknown field" if unknown else "Required"
         raise ValidationFailed(f"Invalid request: {path}: {msg}", {path: [msg]}) from None
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise ValidationFailed("Request body must be valid JSON", {"body": ["Invalid JSON"]}) from None
@@ -169,15 +164,24 @@ def encode_cursor(job: Job) -> str:
     return base64.urlsafe_b64encode(f"{job.created_at!r}|{job.id}".encode()).decode().rstrip("=")
 
 
+#: the time part of a cursor: what ``repr(float)`` writes for a time since the epoch
+_CURSOR_TIME = re.compile(r"\d{1,12}(\.\d{1,20})?")
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
+    """A ``nextCursor`` this gateway wrote, else a 400: strictly a time (digits, a dot, digits:
+    no ``nan``, ``inf``, exponents or signs) and a job id."""
     try:
+        if len(cursor) > 200 or not re.fullmatch(r"[A-Za-z0-9_-]+", cursor):
+            raise ValueError
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         ts, job_id = raw.split("|", 1)
-        if not is_uuid(job_id):
+        if not is_uuid(job_id) or not _CURSOR_TIME.fullmatch(ts):
             raise ValueError
         return float(ts), job_id
     except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed.at("cursor", "Invalid cursor") from None
+        raise ValidationFailed.at(
+            "cursor", "Invalid cursor: pass the nextCursor of the previous page unchanged") from None
 
 
 async def list_page(gw: Gateway, principal: Principal, q: dict[str, Any]) -> tuple[list[Job], str | None, list[str] | None]:

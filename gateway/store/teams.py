@@ -34,6 +34,15 @@ async def get_team(conn: Connection, team_id: str, *, lock: bool = False) -> Tea
                                             (team_id,)))
     return row_to(Team, rows[0]) if rows else None
 
+async def find_teams(conn: Connection, ref: str) -> list[Team]:
+    """Teams whose id is ``ref``, else those named ``ref`` (case-insensitively)."""
+    rows = list(await conn.execute_fetchall("SELECT * FROM teams WHERE id = ?", (ref.lower(),)))
+    if not rows:
+        rows = list(await conn.execute_fetchall(
+            "SELECT * FROM teams WHERE LOWER(name) = LOWER(?) ORDER BY created_at", (ref,)))
+    return [row_to(Team, r) for r in rows]
+
+
 async def list_teams(conn: Connection) -> list[Team]:
     return [row_to(Team, r) for r in await conn.execute_fetchall("SELECT * FROM teams ORDER BY created_at")]
 
@@ -116,6 +125,14 @@ async def key_with_team_limit(conn: Connection, digest: bytes) -> tuple[ApiKey, 
 async def key_by_id(conn: Connection, key_id: str) -> ApiKey | None:
     rows = list(await conn.execute_fetchall("SELECT * FROM api_keys WHERE id = ?", (key_id,)))
     return row_to(ApiKey, rows[0]) if rows else None
+
+async def find_keys(conn: Connection, *, key_id: str, prefix: str, digest: bytes | None) -> list[ApiKey]:
+    """Keys with this id, or this display prefix, or (given) this digest."""
+    rows = await conn.execute_fetchall(
+        "SELECT * FROM api_keys WHERE id = ? OR prefix = ? OR digest = ? ORDER BY created_at",
+        (key_id, prefix, digest or b""))
+    return [row_to(ApiKey, r) for r in rows]
+
 
 async def list_keys(conn: Connection, team_id: str) -> list[ApiKey]:
     rows = await conn.execute_fetchall("SELECT * FROM api_keys WHERE team_id = ? ORDER BY created_at", (team_id,))
