@@ -1,4 +1,4 @@
-"""``lora-gateway``: serve, worker, migrate, copy, and admin commands (teams, keys, credits)."""
+"""``lora-gateway``: serve, worker, migrate, copy, gc, and admin commands (teams, keys, credits)."""
 
 from __future__ import annotations
 
@@ -272,6 +272,24 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return _admin(args, go)
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from gateway import retention
+    from gateway.context import open_gateway
+
+    settings = _settings(args)
+    configure_logging(settings.logging.format, "warning")
+    _existing(settings, args)
+
+    async def go() -> None:
+        async with open_gateway(settings) as gw:
+            report = await retention.sweep(gw)
+        days = settings.files.retention_days
+        print(f"{report}  (files.retention_days: {days or 'keep forever'})")
+
+    anyio.run(go)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.logging.format, "warning")
@@ -360,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--check", action="store_true", help="change nothing; exit 2 if migrations are pending")
     s.set_defaults(fn=cmd_migrate)
+
+    s = sub.add_parser("gc", help="delete generated images past files.retention_days, and work directories left behind")
+    common(s)
+    s.set_defaults(fn=cmd_gc)
 
     s = sub.add_parser("copy", help="copy every row into another, empty database (e.g. SQLite to PostgreSQL)")
     common(s)

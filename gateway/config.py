@@ -219,6 +219,14 @@ class WebhookSettings(_Base):
     allow_hosts: list[str] = msgspec.field(default_factory=list)
 
 
+class FilesSettings(_Base):
+    #: generated images are deleted this many days after their job completed (the job then says
+    #: ``expired: true``); 0 keeps them forever
+    retention_days: Annotated[int, msgspec.Meta(ge=0)] = 30
+    #: how often each engine sweeps (expired images, work directories left behind)
+    sweep_interval_s: Positive = 86_400
+
+
 class LoggingSettings(_Base):
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -241,6 +249,7 @@ class Settings(_Base):
     providers: dict[str, dict[str, Any]] = msgspec.field(default_factory=lambda: {"sandbox": {}})
     teams: TeamDefaults = msgspec.field(default_factory=TeamDefaults)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
+    files: FilesSettings = msgspec.field(default_factory=FilesSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
     @property

@@ -182,7 +182,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 BOTH_BACKENDS = {
     "test_api_auth", "test_api_jobs", "test_api_loras", "test_callbacks", "test_engine", "test_engine_findings",
     "test_flow", "test_idempotency", "test_provider_endpoints", "test_routing", "test_triggers", "test_webhooks",
-    "test_webhook_delivery", "test_health", "test_store",
+    "test_webhook_delivery", "test_health", "test_store", "test_retention",
 }
 
 

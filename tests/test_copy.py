@@ -109,7 +109,10 @@ def test_a_sqlite_gateway_moves_to_postgresql(tmp_path: Path, pg_url: str, capsy
             r = await api.client.get(f"/v2/loras/{was['lora']['id']}", headers=api.h())
             assert r.status_code == 200 and r.json() == was["lora"]
             r = await api.client.get(f"/v2/jobs/{was['job_id']}", headers=api.h())
-            assert r.status_code == 200 and r.json()["result"] == was["job"]["result"]
+            assert r.status_code == 200
+            assert [u.split("?")[0] for u in r.json()["result"]["images"]] == \
+                [u.split("?")[0] for u in was["job"]["result"]["images"]]  # signed anew, for the same files
+            # and the link signed before the move is still good here: the secret moved with the rows
             got = await api.client.get("/" + was["job"]["result"]["images"][0].split("://", 1)[1].split("/", 1)[1])
             assert got.status_code == 200 and got.content[:4] in (b"\x89PNG", b"RIFF", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xe1")
             # the LoRA that was still training finishes here, charged once

@@ -75,6 +75,8 @@ async def test_flow_with_vimmerse(make_api: Callable[..., Any], vendor: tuple[Fa
         assert ft.trigger_word.startswith(lora["triggerWord"] + "_") and ft.image_count == 15
         assert ft.finetune_type == "Character" and ft.num_iterations == 0 and ft.option == "FluxProFinetune"
         assert not lora["hasWeights"] and lora["gateway"]["portable"] is False
+        weights = await api.client.get(f"/v2/loras/{lora['id']}/weights", headers=api.h())
+        assert weights.status_code == 409 and "stay with the provider" in weights.json()["error"]
         samples = lora["gateway"]["samples"]
         assert len(samples) == 2 and all("/files/loras/" in u for u in samples)  # copied into gateway storage
         assert (await fetch_image(api, samples[0])).format == "PNG"

@@ -1,10 +1,14 @@
-"""``/v2/loras``: create (streamed multipart), list, get, delete."""
+"""``/v2/loras``: create (streamed multipart), list, get, delete; the weights (extension)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import base64
+import re
+
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.response import Stream
 
 from gateway.api.auth import caller, gateway
 from gateway.api.params import parse_query
@@ -56,6 +60,26 @@ class LoraController(Controller):
     async def get_lora(self, request: Request, lora_id: str) -> Response:
         lora = await lora_service.get(gateway(request), await caller(request), lora_id)
         return Response(lora_view(lora, gateway(request)))
+
+    @get("/{lora_id:str}/weights", tags=["Extensions"],
+         summary="Download a READY LoRA's weights (.safetensors), with their sha256 (extension)")
+    async def get_weights(self, request: Request, lora_id: str) -> Stream:
+        gw = gateway(request)
+        lora, artifact, size = await lora_service.weights(gw, await caller(request), lora_id)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", lora.name).strip("-")[:60] or "lora"
+        return Stream(
+            gw.storage.iter_bytes(artifact.storage_key),
+            media_type="application/octet-stream",
+            headers={
+                "content-length": str(size),
+                "content-disposition": f'attachment; filename="{name}-{lora.id[:8]}.safetensors"',
+                "x-weights-sha256": artifact.sha256,
+                "repr-digest": f"sha-256=:{base64.b64encode(bytes.fromhex(artifact.sha256)).decode()}:",
+                "x-weights-key-format": artifact.format,
+                "x-trigger-word": lora.trigger_word or "",
+                "cache-control": "private, no-store",
+            },
+        )
 
     @delete("/{lora_id:str}", status_code=204, summary="Archive a LoRA (idempotent)")
     async def delete_lora(self, request: Request, lora_id: str) -> None:

@@ -57,7 +57,7 @@ def job_view(gw: Gateway, job: Job, images: list[JobImage]) -> dict[str, Any]:
         "webhookStatus": job.webhook_status,
         "createdAt": iso(job.created_at),
         "completedAt": iso(job.completed_at),
-        "expired": False,
+        "expired": job.expired_at is not None,
         "input": job.input,
         # extension: the parameters the client set that the provider serving the job ignores
         "gateway": {"ignoredParams": job.ignored_params or []},

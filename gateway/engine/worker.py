@@ -31,6 +31,8 @@ import anyio
 import anyio.abc
 import structlog
 
+from gateway import retention
+
 from gateway.context import Gateway
 from gateway.engine.attempts import Polled, Runner
 from gateway.engine.cancels import work_cancel
@@ -122,6 +124,7 @@ class Engine:
                 tg.start_soon(self._supervised, "steps", self._step_loop)
                 tg.start_soon(self._supervised, "polls", self._poll_loop)
                 tg.start_soon(self._supervised, "housekeeping", self._housekeeping)
+                tg.start_soon(self._supervised, "retention", self._retention)
                 await tg.start(self.deliverer.run)
                 self.ready = True
                 task_status.started()
@@ -300,6 +303,15 @@ class Engine:
             await self.gw.health.flush()
             self._healthy("housekeeping")
             await anyio.sleep(heartbeat_interval(e.lease_s))
+
+    async def _retention(self) -> None:
+        """The files sweep (gateway.retention): a minute after start, then every
+        ``files.sweep_interval_s``."""
+        await anyio.sleep(min(60.0, self.gw.settings.files.sweep_interval_s))
+        while True:
+            await retention.sweep(self.gw)
+            self._healthy("retention")
+            await anyio.sleep(self.gw.settings.files.sweep_interval_s)
 
     async def _release_all(self) -> None:
         try:

@@ -10,12 +10,12 @@ import structlog
 from gateway.context import Gateway
 from gateway.engine import loras as lora_engine
 from gateway.netsafety import UnsafeUrl
-from gateway.errors import InsufficientCredits, NotFound, RateLimited, ValidationFailed
+from gateway.errors import Conflict, InsufficientCredits, NotFound, RateLimited, ValidationFailed
 from gateway.services import idempotency
 from gateway.store import ledger as ledger_store
 from gateway.store import loras as loras_store
 from gateway.store import teams as teams_store
-from gateway.store.models import Lora, Principal
+from gateway.store.models import Artifact, Lora, Principal
 from gateway.timeutil import is_uuid, new_id, now
 from gateway.triggers import generate_trigger_word
 from gateway.uploads import ReceivedUpload
@@ -229,6 +229,22 @@ async def get(gw: Gateway, principal: Principal, lora_id: str) -> Lora:
     if lora is None:
         raise NotFound("LoRA not found")
     return lora
+
+
+async def weights(gw: Gateway, principal: Principal, lora_id: str) -> tuple[Lora, Artifact, int]:
+    """A READY LoRA's own ``.safetensors`` (the gateway's copy) and its size, for its team."""
+    lora = await get(gw, principal, lora_id)
+    if lora.status != "READY":
+        raise Conflict(f"The LoRA is {lora.status}: its weights can be downloaded once it is READY")
+    async with gw.db.read() as conn:
+        artifact = await loras_store.artifact_for(conn, lora.id)
+    if artifact is None or not lora.portable:
+        raise Conflict("This LoRA's weights stay with the provider that trained it (it returns no weights file): "
+                       "it can be used for generation here, but not downloaded")
+    size = await gw.storage.size(artifact.storage_key)
+    if size is None:
+        raise NotFound("The weights file is missing from storage")
+    return lora, artifact, size
 
 
 async def list_page(

@@ -79,3 +79,28 @@ async def insert_job_images(conn: Connection, images: Iterable[JobImage]) -> Non
 async def job_images(conn: Connection, job_id: str) -> list[JobImage]:
     rows = await conn.execute_fetchall("SELECT * FROM job_images WHERE job_id = ? ORDER BY idx", (job_id,))
     return [row_to(JobImage, r) for r in rows]
+
+
+async def due_for_expiry(conn: Connection, *, completed_before: float, limit: int = 500) -> list[str]:
+    """Completed jobs whose images are older than the retention, not expired yet."""
+    rows = await conn.execute_fetchall(
+        "SELECT id FROM jobs WHERE status = 'COMPLETED' AND expired_at IS NULL AND completed_at < ? "
+        "ORDER BY completed_at LIMIT ?", (completed_before, limit))
+    return [r[0] for r in rows]
+
+
+async def mark_expired(conn: Connection, job_ids: list[str], at: float) -> None:
+    await conn.executemany("UPDATE jobs SET expired_at = ? WHERE id = ? AND expired_at IS NULL",
+                           [(at, job_id) for job_id in job_ids])
+
+
+async def terminal_ids(conn: Connection, table: str, ids: list[str]) -> set[str]:
+    """Those of ``ids`` (rows of ``loras`` or ``jobs``) that are missing or in a terminal state."""
+    if not ids:
+        return set()
+    active = {"loras": ("PENDING", "UPLOADING", "TRAINING"), "jobs": ACTIVE_JOB}[table]
+    marks = ", ".join("?" for _ in ids)
+    rows = await conn.execute_fetchall(
+        f"SELECT id FROM {table} WHERE id IN ({marks}) AND status IN ({', '.join('?' for _ in active)})",
+        (*ids, *active))
+    return set(ids) - {r[0] for r in rows}

@@ -371,8 +371,16 @@ def m007_replicas(d: str) -> list[str]:
     ]]
 
 
+def m008_retention(d: str) -> list[str]:
+    return [ddl(x, d) for x in [
+        # when a completed job's images were deleted (files.retention_days): the job is "expired"
+        "ALTER TABLE jobs ADD COLUMN expired_at REAL",
+        "CREATE INDEX jobs_retention ON jobs (completed_at) WHERE status = 'COMPLETED' AND expired_at IS NULL",
+    ]]
+
+
 MIGRATIONS = [m001_initial, m002_durability, m003_engine, m004_webhook_deliveries, m005_provider_contract,
-              m006_routing, m007_replicas]
+              m006_routing, m007_replicas, m008_retention]
 
 #: every migration this version knows, in order
 NAMES = [m.__name__ for m in MIGRATIONS]

@@ -145,6 +145,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     crashes: int = 0
     ignored_params: list[str] | None = None
     preferred_provider: str | None = None
+    #: when its images were deleted (files.retention_days)
+    expired_at: float | None = None
 
 
 class JobImage(msgspec.Struct, frozen=True, kw_only=True):
