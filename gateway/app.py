@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
 from gateway.api import admin as admin_api
+from gateway.api import docs as docs_api
 from gateway.api import hooks as hooks_api
 from gateway.api import jobs as jobs_api
 from gateway.api import loras as loras_api
@@ -70,6 +71,7 @@ def create_app(
             providers_api.ProvidersController,
             providers_api.metrics,
             hooks_api.provider_callback,
+            docs_api.docs_asset,
         ],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
@@ -79,6 +81,7 @@ def create_app(
             version=__version__,
             description="The Apiframe v2 LoRA API, served by a self-hosted gateway in front of pluggable providers.",
             path="/schema",
+            render_plugins=docs_api.render_plugins(),
         ),
         debug=False,
     )

@@ -29,6 +29,12 @@ if ! have_pg_server && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15
   fi
 fi
+# the docs test loads Swagger UI and ReDoc in a headless browser: Debian's chromium
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-cache show chromium >/dev/null 2>&1 || apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || {
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
