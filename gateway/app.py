@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from gateway import __version__
 from gateway.api import admin as admin_api
 from gateway.api import docs as docs_api
+from gateway.api import openapi
 from gateway.api import hooks as hooks_api
 from gateway.api import jobs as jobs_api
 from gateway.api import loras as loras_api
@@ -58,7 +59,7 @@ def create_app(
                 finally:
                     tg.cancel_scope.cancel()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             loras_api.LoraController,
             jobs_api.GenerateController,
@@ -85,3 +86,5 @@ def create_app(
         ),
         debug=False,
     )
+    openapi.complete(app)
+    return app

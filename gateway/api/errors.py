@@ -35,6 +35,8 @@ def _unrouted_headers(request: Request, headers: dict[str, str] | None) -> dict[
 
 def http_exception(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
+    code = {400: "validation_error", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            405: "method_not_allowed", 413: "too_large"}.get(status, "internal_error" if status >= 500 else "error")
     if isinstance(exc, NotFoundException):
         message = "Not found"
     elif isinstance(exc, ValidationException):
@@ -47,12 +49,13 @@ def http_exception(request: Request, exc: HTTPException) -> Response:
         message = "Method not allowed"
     else:
         message = exc.detail if status < 500 else "Internal server error"
-    return Response({"error": message}, status_code=status, headers=_unrouted_headers(request, exc.headers or None))
+    return Response({"error": message, "code": code}, status_code=status,
+                    headers=_unrouted_headers(request, exc.headers or None))
 
 
 def unexpected(_: Request, exc: Exception) -> Response:
     log.exception("request_failed", error_type=type(exc).__name__)
-    return Response({"error": "Internal server error"}, status_code=500)
+    return Response({"error": "Internal server error", "code": "internal_error"}, status_code=500)
 
 
 EXCEPTION_HANDLERS = {
