@@ -320,7 +320,7 @@ async def test_internal_error_never_leaks_a_traceback(api: Api, monkeypatch: pyt
     monkeypatch.setattr(accounts, "me", boom)
     r = await api.client.get("/v2/me", headers=api.h())
     assert r.status_code == 500
-    assert r.json() == {"error": "Internal server error"}
+    assert r.json() == {"error": "Internal server error", "code": "internal_error"}
     assert "secret-internal-detail" not in r.text and "Traceback" not in r.text
     assert r.headers.get("x-request-id")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Request
+from litestar.di import Provide
 
 from gateway.context import Gateway
 from gateway.services import accounts
@@ -28,3 +29,12 @@ async def caller(request: Request) -> Principal:
     principal = await accounts.authenticate(gw.db, raw_key(request), gw.auth_cache)
     await accounts.check_rate(gw, principal)
     return principal
+
+
+async def _provide_principal(request: Request) -> Principal:
+    return await caller(request)
+
+
+#: ``dependencies=AUTHENTICATED`` on a controller or handler: its ``principal: Principal``
+#: parameter is the authenticated, rate-limited caller (401/403/429 before the handler runs)
+AUTHENTICATED = {"principal": Provide(_provide_principal)}

@@ -5,12 +5,13 @@ from __future__ import annotations
 from litestar import Controller, Request, Response, get, post
 
 from gateway.store import jobs as jobs_store
-from gateway.api.auth import caller, gateway
+from gateway.api.auth import AUTHENTICATED, gateway
 from gateway.api.params import parse_query
 from gateway.api.views import job_view
 from gateway.services import idempotency
 from gateway.services import jobs as job_service
 from gateway.services import providers as provider_service
+from gateway.store.models import Principal
 
 MAX_JSON_BODY = 64 * 1024
 
@@ -18,11 +19,11 @@ MAX_JSON_BODY = 64 * 1024
 class GenerateController(Controller):
     path = "/v2/images"
     tags = ["Images"]
+    dependencies = AUTHENTICATED
 
     @post("/generate", status_code=202, request_max_body_size=MAX_JSON_BODY, summary="Generate images with a LoRA")
-    async def generate(self, request: Request) -> Response:
+    async def generate(self, request: Request, principal: Principal) -> Response:
         gw = gateway(request)
-        principal = await caller(request)
         key = idempotency.key_from(request.headers)
         req, set_params = job_service.decode_generate(await request.body())
         job, replayed = await job_service.create(gw, principal, req, idempotency_key=key, set_params=set_params,
@@ -34,11 +35,12 @@ class GenerateController(Controller):
 class JobController(Controller):
     path = "/v2/jobs"
     tags = ["Jobs"]
+    dependencies = AUTHENTICATED
 
     @get("/{job_id:str}", summary="Get a job")
-    async def get_job(self, request: Request, job_id: str) -> Response:
+    async def get_job(self, request: Request, job_id: str, principal: Principal) -> Response:
         gw = gateway(request)
-        job = await job_service.get(gw, await caller(request), job_id)
+        job = await job_service.get(gw, principal, job_id)
         images = []
         if job.status == "COMPLETED":
             async with gw.db.read() as conn:
@@ -46,9 +48,8 @@ class JobController(Controller):
         return Response(job_view(gw, job, images))
 
     @get("/", summary="List jobs, newest first")
-    async def list_jobs(self, request: Request) -> Response:
+    async def list_jobs(self, request: Request, principal: Principal) -> Response:
         gw = gateway(request)
-        principal = await caller(request)
         q = parse_query(
             request,
             {

@@ -10,7 +10,7 @@ import time
 from litestar import Controller, Request, Response, get
 
 from gateway.store import queue as queue_store
-from gateway.api.auth import caller, gateway
+from gateway.api.auth import AUTHENTICATED, gateway
 from gateway.api.params import parse_query
 from gateway.errors import NotFound, Unauthorized, ValidationFailed
 from gateway.health import OPERATIONS
@@ -18,32 +18,33 @@ from gateway.metrics import CONTENT_TYPE
 from gateway.services import jobs as job_service
 from gateway.services import loras as lora_service
 from gateway.services import providers as provider_service
+from gateway.store.models import Principal
 
 
 class ProvidersController(Controller):
     path = "/v2"
     tags = ["Extensions"]
+    dependencies = AUTHENTICATED
 
     @get("/providers", summary="Provider instances: capabilities, declared costs, health (extension)")
-    async def list_providers(self, request: Request) -> Response:
-        await caller(request)
+    async def list_providers(self, request: Request, principal: Principal) -> Response:
         return Response({"providers": await provider_service.listing(gateway(request))})
 
     @get("/loras/{lora_id:str}/attempts", summary="A LoRA's provider attempts (extension)")
-    async def lora_attempts(self, request: Request, lora_id: str) -> Response:
-        gw, principal = gateway(request), await caller(request)
+    async def lora_attempts(self, request: Request, lora_id: str, principal: Principal) -> Response:
+        gw = gateway(request)
         lora = await lora_service.get(gw, principal, lora_id)  # 404 for another team's
         return Response({"attempts": await provider_service.attempts(gw, principal, "lora", lora.id)})
 
     @get("/jobs/{job_id:str}/attempts", summary="A job's provider attempts (extension)")
-    async def job_attempts(self, request: Request, job_id: str) -> Response:
-        gw, principal = gateway(request), await caller(request)
+    async def job_attempts(self, request: Request, job_id: str, principal: Principal) -> Response:
+        gw = gateway(request)
         job = await job_service.get(gw, principal, job_id)
         return Response({"attempts": await provider_service.attempts(gw, principal, "job", job.id)})
 
     @get("/usage", summary="Declared provider cost of the team's work, per instance and period (extension)")
-    async def usage(self, request: Request) -> Response:
-        gw, principal = gateway(request), await caller(request)
+    async def usage(self, request: Request, principal: Principal) -> Response:
+        gw = gateway(request)
         q = parse_query(request, {"period": ("enum:day|month", "day"), "since": ("str", None)})
         since = None
         if q["since"]:

@@ -7,13 +7,14 @@ from litestar.response import Stream
 
 from typing import Any
 
-from gateway.api.auth import caller, gateway
+from gateway.api.auth import AUTHENTICATED, gateway
 from gateway.engine.worker import engine_stale_after
 from gateway.store import workers as workers_store
 from gateway.errors import Forbidden, Gone, NotFound
 from gateway.timeutil import iso
 from plugins.storage.base import StorageError
 from gateway.services import accounts
+from gateway.store.models import Principal
 
 CONTENT_TYPES = {
     "png": "image/png", "jpg": "image/jpeg", "webp": "image/webp",
@@ -21,10 +22,10 @@ CONTENT_TYPES = {
 }
 
 
-@get("/v2/me", tags=["Account"], summary="The caller's user, team (with credits) and key")
-async def me(request: Request) -> Response:
+@get("/v2/me", tags=["Account"], summary="The caller's user, team (with credits) and key", dependencies=AUTHENTICATED)
+async def me(request: Request, principal: Principal) -> Response:
     gw = gateway(request)
-    return Response(await accounts.me(gw.db, await caller(request)))
+    return Response(await accounts.me(gw.db, principal))
 
 
 @get("/healthz", tags=["Health"], summary="The process is up")
