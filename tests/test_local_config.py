@@ -56,11 +56,19 @@ def test_config_defaults_and_validation() -> None:
     cfg = msgspec.convert({"model_dir": "/m"}, type=LocalConfig)
     assert cfg.devices == ["auto"] and cfg.dtype == "auto" and cfg.resolution == 512
     assert cfg.max_steps is None and cfg.learning_rate == 1e-4 and cfg.batch_size == 1
-    assert cfg.checkpoint_every == 100 and cfg.target_modules == ["to_k", "to_q", "to_v", "to_out.0"]
+    assert cfg.checkpoint_every == 100 and cfg.target_modules == [
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+    # quality default: bf16 file; buckets and every speed switch off (unchanged until measured on a GPU)
+    assert cfg.save_dtype == "bf16" and cfg.buckets is None and cfg.gradient_checkpointing is True
+    assert (cfg.compile, cfg.compile_backend, cfg.compile_cache_dir, cfg.attention_backend) == (False, "inductor", None, None)
+    assert (cfg.lora_bf16, cfg.sync_every, cfg.fused_adamw, cfg.oom_fallback_resolution) == (False, 1, False, None)
     assert cfg.seed == 0 and cfg.adapter_cache == 4 and cfg.python is None
     assert (cfg.cost_per_training, cfg.cost_per_image) == (0.0, 0.0)
     for bad in ({"resolution": 500}, {"dtype": "float16"}, {"devices": []}, {"devices": ["tpu"]},
-                {"unknown": 1}, {"max_steps": 0}, {"target_modules": []}, {"adapter_cache": 0}):
+                {"unknown": 1}, {"max_steps": 0}, {"target_modules": []}, {"adapter_cache": 0},
+                {"save_dtype": "fp16"}, {"buckets": []}, {"buckets": [500]}, {"gradient_checkpointing": "sometimes"},
+                {"sync_every": 0}, {"oom_fallback_resolution": 100}, {"compile_backend": ""}):
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert({"model_dir": "/m", **bad}, type=LocalConfig)
     with pytest.raises(msgspec.ValidationError):
@@ -81,3 +89,15 @@ def test_train_config_takes_the_request_capped_by_max_steps() -> None:
     # what a checkpoint must share with a run to resume it: not the device or checkpoint cadence
     assert t.resume_key() == msgspec.structs.replace(t, device="cuda", checkpoint_every=7).resume_key()
     assert t.resume_key() != msgspec.structs.replace(t, rank=8).resume_key()
+    # speed switches do not change what a checkpoint means; buckets do
+    fast = msgspec.structs.replace(t, gradient_checkpointing="auto", compile=True, attention_backend="native",
+                                   lora_bf16=True, sync_every=8, fused_adamw=True, save_dtype="fp32",
+                                   oom_fallback_resolution=128)
+    assert t.resume_key() == fast.resume_key()
+    assert t.resume_key() != msgspec.structs.replace(t, buckets=[256]).resume_key()
+    assert "buckets" not in t.resume_key()  # absent when off: checkpoints written before buckets existed still fit
+    switches = dict(gradient_checkpointing="auto", save_dtype="fp32", buckets=[256, 512], compile=True,
+                    compile_backend="eager", compile_cache_dir="/c", attention_backend="native", lora_bf16=True,
+                    sync_every=4, fused_adamw=True, oom_fallback_resolution=256)
+    passed = train_config(LocalConfig(model_dir="/m", **switches), spec)
+    assert {k: getattr(passed, k) for k in switches} == switches  # every knob reaches the trainer

@@ -18,6 +18,7 @@ pytest.importorskip("peft")
 from PIL import Image  # noqa: E402
 
 from tests.tiny_flux import T5_MAX_LENGTH, tiny_flux  # noqa: E402,F401
+FIXTURES = (tiny_flux,)  # pytest fixtures, imported to be found (and seen as used)
 
 
 async def test_full_flow_on_the_local_provider(make_api: Callable[..., Any], tiny_flux: Path) -> None:

@@ -22,6 +22,7 @@ from providers.base import Dataset, TrainingSpec  # noqa: E402
 from providers.local import trainer  # noqa: E402
 from providers.local.provider import train_config  # noqa: E402
 from tests.tiny_flux import make_local_provider, tiny_flux, write_dataset  # noqa: E402,F401
+FIXTURES = (tiny_flux,)  # pytest fixtures, imported to be found (and seen as used)
 
 STEPS, EVERY = 24, 4
 

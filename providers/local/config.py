@@ -15,7 +15,20 @@ DType = Literal["auto", "float32", "bfloat16"]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
-DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+#: diffusers' ``train_dreambooth_lora_flux.py`` default ``--lora_layers``. peft matches each name as a
+#: suffix of a module path, so the ``attn.to_q/k/v`` entries also adapt the single-stream blocks'
+#: q/k/v (those blocks have no ``to_out``, and ``proj_mlp``/``proj_out`` are not in the list), and
+#: the ``add_*``/``to_add_out``/``ff*`` entries only exist in the double-stream blocks.
+DEFAULT_TARGET_MODULES = (
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+#: the attention-only set this provider used before (kept for reference / explicit configs)
+ATTENTION_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+SaveDType = Literal["bf16", "fp32"]
+Checkpointing = bool | Literal["auto"]
+Side = Annotated[int, msgspec.Meta(ge=16, le=4096)]
 #: the environment every process of this provider runs with: never reach the Hugging Face hub
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -24,6 +37,18 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 def _check_side(what: str, value: int) -> None:
     if value % 16:
         raise ValueError(f"`{what}` must be a multiple of 16 (FLUX packs 2x2 patches of 8x latents), got {value}")
+
+
+def _check_training_knobs(cfg: "LocalConfig | TrainConfig") -> None:
+    if cfg.buckets is not None:
+        if not cfg.buckets:
+            raise ValueError("`buckets` must list at least one side (or be null)")
+        for side in cfg.buckets:
+            _check_side("buckets", side)
+    if cfg.oom_fallback_resolution is not None:
+        _check_side("oom_fallback_resolution", cfg.oom_fallback_resolution)
+    if not cfg.compile_backend:
+        raise ValueError("`compile_backend` must not be empty")
 
 
 class LocalConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -43,7 +68,26 @@ class LocalConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_steps: PosInt | None = None
     learning_rate: PosFloat = 1e-4
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
-    gradient_checkpointing: bool = True
+    #: true | false | auto (auto: on only when the estimated activation memory does not fit the
+    #: device's free memory; see README)
+    gradient_checkpointing: Checkpointing = True
+    #: dtype of the saved LoRA file (``bf16`` halves it; checkpoints stay float32)
+    save_dtype: SaveDType = "bf16"
+    #: aspect-ratio buckets: null = centre-crop squares of ``resolution``; a list of sides (e.g.
+    #: [512, 768, 1024]) = each image goes to the bucket (w, h multiples of 16, w*h ~ side^2) nearest
+    #: its aspect ratio, at the largest listed side its pixel count reaches
+    buckets: list[Side] | None = None
+    #: speed switches, all off by default until measured on a GPU (see README)
+    compile: bool = False
+    compile_backend: str = "inductor"
+    #: TORCHINDUCTOR_CACHE_DIR for ``compile`` (default: ``<data_dir>/local/trainings/.inductor-cache``)
+    compile_cache_dir: str | None = None
+    attention_backend: str | None = None
+    lora_bf16: bool = False
+    sync_every: PosInt = 1
+    fused_adamw: bool = False
+    #: after an out-of-memory that gradient checkpointing did not cure, retry once at this side
+    oom_fallback_resolution: Annotated[int, msgspec.Meta(ge=16, le=2048)] | None = None
     #: save LoRA weights + optimizer state + step every N steps (resume point after a restart)
     checkpoint_every: PosInt = 100
     target_modules: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -70,6 +114,7 @@ class LocalConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             raise ValueError("`inference_devices` must name at least one device (or be left out)")
         if not self.target_modules:
             raise ValueError("`target_modules` must not be empty")
+        _check_training_knobs(self)
         for d in [*self.devices, *(self.inference_devices or [])]:
             if not (d in ("auto", "cpu", "cuda", "mps") or d.startswith("cuda:")):
                 raise ValueError(f"unknown device {d!r} (auto, cpu, cuda, cuda:N, mps)")
@@ -84,7 +129,7 @@ class TrainConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     resolution: int = 512
     learning_rate: PosFloat = 1e-4
     batch_size: PosInt = 1
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Checkpointing = False
     dtype: DType = "auto"
     device: str = "auto"
     seed: int = 0
@@ -99,9 +144,24 @@ class TrainConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     adam_epsilon: float = 1e-8
     #: checkpoints kept on disk (the newest ones)
     keep_checkpoints: PosInt = 2
+    save_dtype: SaveDType = "bf16"
+    buckets: list[Side] | None = None
+    #: regional ``torch.compile`` of the transformer's repeated blocks
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_cache_dir: str | None = None
+    #: ``transformer.set_attention_backend(name)`` (diffusers >= 0.35)
+    attention_backend: str | None = None
+    #: LoRA matmuls in the run dtype (autocast) with float32 master weights
+    lora_bf16: bool = False
+    #: read the loss / check it is finite every N steps (1 = every step, today's path)
+    sync_every: PosInt = 1
+    fused_adamw: bool = False
+    oom_fallback_resolution: int | None = None
 
     def __post_init__(self) -> None:
         _check_side("resolution", self.resolution)
+        _check_training_knobs(self)
 
     @property
     def lora_alpha(self) -> float:
@@ -109,5 +169,16 @@ class TrainConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     def resume_key(self) -> dict:
         """The settings a checkpoint must share with a run to be resumed by it."""
-        return {k: v for k, v in msgspec.structs.asdict(self).items()
-                if k not in ("device", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")}
+        key = {k: v for k, v in msgspec.structs.asdict(self).items() if k not in RESUME_INDEPENDENT}
+        if key.get("buckets") is None:  # absent as before buckets existed: older checkpoints still fit
+            key.pop("buckets", None)
+        return key
+
+
+#: settings that do not change what a checkpoint means (speed switches, cadence, the saved file's
+#: dtype): a run may resume a checkpoint written with other values of these
+RESUME_INDEPENDENT = frozenset({
+    "device", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "save_dtype", "compile",
+    "compile_backend", "compile_cache_dir", "attention_backend", "lora_bf16", "sync_every", "fused_adamw",
+    "oom_fallback_resolution",
+})

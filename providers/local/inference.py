@@ -146,7 +146,8 @@ class PipelineHost:
     # ------------------------------------------------------------------ generation
 
     def generate(self, req: GenerateRequest, lora: Path | None) -> list[bytes]:
-        """Images for ``req`` with ``lora`` at ``req.lora_strength`` (``None``: the base model)."""
+        """Images for ``req`` with ``lora`` at ``req.lora_strength`` (``None``: the base model); the
+        pipeline runs under ``self.lock``, the images are encoded after it is released."""
         with self.lock:
             pipe = self._ensure_pipeline()
             if lora is not None:
@@ -163,7 +164,10 @@ class PipelineHost:
                     num_images_per_prompt=req.num_outputs, generator=generator,
                     max_sequence_length=self.max_sequence_length, output_type="pil",
                 )
-            return [encode_image(img, req.output_format) for img in out.images]
+            images = out.images
+        # PNG / JPEG encoding is CPU work: done after the device lock is released, so the next
+        # generation on this device starts meanwhile
+        return [encode_image(img, req.output_format) for img in images]
 
     def close(self) -> None:
         with self.lock:

@@ -55,7 +55,11 @@ def train_config(cfg: LocalConfig, spec: TrainingSpec) -> TrainConfig:
         batch_size=cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype,
         device="auto", seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
         target_modules=list(cfg.target_modules), guidance_scale=cfg.train_guidance_scale,
-        max_sequence_length=cfg.max_sequence_length,
+        max_sequence_length=cfg.max_sequence_length, save_dtype=cfg.save_dtype,
+        buckets=list(cfg.buckets) if cfg.buckets is not None else None,
+        compile=cfg.compile, compile_backend=cfg.compile_backend, compile_cache_dir=cfg.compile_cache_dir,
+        attention_backend=cfg.attention_backend, lora_bf16=cfg.lora_bf16, sync_every=cfg.sync_every,
+        fused_adamw=cfg.fused_adamw, oom_fallback_resolution=cfg.oom_fallback_resolution,
     )
 
 

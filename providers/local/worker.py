@@ -9,6 +9,16 @@ It reads ``JOB_DIR/train.json`` (model dir, dataset dir, :class:`TrainConfig`), 
   ``{"state": "failed", "error", "retryable"}``;
 * ``output/pytorch_lora_weights.safetensors`` and ``checkpoints/checkpoint-NNNNNNN/``.
 
+Training goes through :func:`providers.local.trainer.train_resilient`: on an out-of-memory error
+it frees the cache and retries once with gradient checkpointing on, then once at
+``oom_fallback_resolution`` (when set); an OOM that persists is reported as **not retryable**
+(the same job would run out of memory again on this provider, so routing should move on). A
+setting this machine cannot honour (``TrainConfigError``) is not retryable either.
+``compile`` without a ``compile_cache_dir`` caches the inductor kernels in
+``<runner root>/.inductor-cache`` (shared by the jobs, kept across restarts).
+Test hook: ``LOCAL_TRAINER_SIMULATE_OOM=K`` makes the first step of each of the first K training
+attempts raise ``torch.cuda.OutOfMemoryError``.
+
 Exit status: 0 done, 1 failed (see ``result.json``), 75 interrupted (SIGTERM, SIGINT, or the
 gateway process going away: during training after writing a checkpoint at the current step,
 while still loading at once), 2 bad invocation. The process asks Linux to send it
@@ -28,6 +38,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from providers.local.config import OFFLINE_ENV
 
@@ -111,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(time.strftime("%Y-%m-%dT%H:%M:%S"), msg, flush=True)
 
+    return run_job(job_dir, spec, device=args.device, progress=progress, should_stop=should_stop, log=log)
+
+
+def run_job(job_dir: Path, spec: dict, *, device: str | None, progress: Callable[..., None],
+            should_stop: Callable[[], bool], log: Callable[[str], None]) -> int:
+    """Train ``spec`` (train.json's content) in ``job_dir``, write ``result.json``; the exit status.
+    (``main`` without the process plumbing: tests call it in-process.)"""
     # heavy imports only now (torch, diffusers), after the signal handlers are in place
     import msgspec
 
@@ -120,30 +138,45 @@ def main(argv: list[str] | None = None) -> int:
     result_path = job_dir / "result.json"
     try:
         cfg = msgspec.convert(spec["config"], type=TrainConfig)
-        if args.device:
-            cfg = msgspec.structs.replace(cfg, device=args.device)
-        result = trainer.train(Path(spec["model_dir"]), Path(spec["dataset_dir"]), cfg, job_dir / "output",
-                               progress=progress, should_stop=should_stop, log=log)
+        if device:
+            cfg = msgspec.structs.replace(cfg, device=device)
+        if cfg.compile and not cfg.compile_cache_dir:
+            cfg = msgspec.structs.replace(cfg, compile_cache_dir=str(job_dir.resolve().parent / ".inductor-cache"))
+        hook = None
+        simulate = os.environ.get("LOCAL_TRAINER_SIMULATE_OOM")
+        if simulate:
+            hook = trainer.simulated_oom(int(simulate))
+        result = trainer.train_resilient(Path(spec["model_dir"]), Path(spec["dataset_dir"]), cfg, job_dir / "output",
+                                         progress=progress, should_stop=should_stop, log=log, step_hook=hook)
     except trainer.TrainingInterrupted as e:
         log(f"interrupted at step {e.step}; the checkpoint is on disk")
         return EXIT_INTERRUPTED
     except trainer.DatasetError as e:
         write_json(result_path, {"state": "failed", "error": f"dataset rejected: {e}", "retryable": False})
         return EXIT_FAILED
+    except trainer.TrainConfigError as e:
+        write_json(result_path, {"state": "failed", "error": f"config rejected: {e}", "retryable": False})
+        return EXIT_FAILED
+    except trainer.PersistentOutOfMemory as e:
+        log(str(e))
+        write_json(result_path, {"state": "failed", "error": str(e), "retryable": False})
+        return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - any failure is reported, the traceback goes to the log
         traceback.print_exc()
         name = type(e).__name__
-        if "OutOfMemory" in name or "out of memory" in str(e).lower():
-            error = "out of device memory while training"
-        else:
-            error = f"training failed ({name}: {str(e)[:200]})"
-        write_json(result_path, {"state": "failed", "error": error, "retryable": True})
+        if trainer.is_out_of_memory(e):  # outside the training loop (should not happen): not retried either
+            write_json(result_path, {"state": "failed", "retryable": False,
+                                     "error": f"out of device memory ({name}); not retryable"})
+            return EXIT_FAILED
+        write_json(result_path, {"state": "failed", "error": f"training failed ({name}: {str(e)[:200]})",
+                                 "retryable": True})
         return EXIT_FAILED
-    if stop.is_set() and not result.weights.is_file():  # pragma: no cover - defensive
-        return EXIT_INTERRUPTED
     write_json(result_path, {"state": "succeeded", "weights": str(result.weights.relative_to(job_dir)),
                              "steps": result.steps, "resumed_from": result.resumed_from, "loss": result.loss,
-                             "seconds": round(result.seconds, 3)})
+                             "seconds": round(result.seconds, 3), "oom_retries": result.oom_retries,
+                             "gradient_checkpointing": result.gradient_checkpointing,
+                             "resolution": result.resolution,
+                             "timings": {k: round(v, 3) for k, v in result.timings.items()}})
     progress("done", result.steps, result.steps, result.loss)
     log(f"done: {result.steps} steps in {result.seconds:.1f}s (resumed from {result.resumed_from})")
     return EXIT_OK
