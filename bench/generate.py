@@ -48,7 +48,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -76,34 +76,16 @@ NAMES = {"bare": "bare", "off": "engine off", "default": "default"}
 # --------------------------------------------------------------------------- the baseline server
 
 
-class FluxLoraParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Like the gateway's ``fluxLoraParams`` (same fields, defaults and constraints)."""
-
-    loraId: str
-    num_outputs: Annotated[int, msgspec.Meta(ge=1, le=4)] = 1
-    aspect_ratio: Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"] | None = None
-    output_format: Literal["png", "jpg", "webp"] | None = None
-    lora_strength: Annotated[float, msgspec.Meta(ge=0, le=1.5)] = 1.0
-    guidance_scale: Annotated[float, msgspec.Meta(ge=1, le=10)] = 3.5
-    num_inference_steps: Annotated[int, msgspec.Meta(ge=4, le=50)] = 28
-    seed: Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)] | None = None
-
-
-class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
-    model: str
-    fluxLoraParams: FluxLoraParams | None = None
-    webhookUrl: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
-    webhookEvents: Annotated[list[Literal["progress", "completed", "failed"]], msgspec.Meta(min_length=1)] | None = None
-
-
 def serve_baseline(port: int) -> None:
     import uvicorn
+
+    # the gateway's own request Struct: the same decode and checks, without anything else
+    from gateway.services.jobs import GenerateImageRequest
 
     @post("/v2/images/generate", status_code=202, request_max_body_size=64 * 1024)
     async def generate(request: Request) -> Response:
         try:
-            msgspec.json.decode(await request.body(), type=GenerateRequest)
+            msgspec.json.decode(await request.body(), type=GenerateImageRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             return Response({"error": str(e)}, status_code=400)
         return Response({"jobId": str(uuid.uuid4()), "status": "QUEUED"}, status_code=202)

@@ -150,11 +150,16 @@ def _existing(settings: Settings, args: argparse.Namespace) -> None:
         "`lora-gateway migrate` makes a new database")
 
 
-def _admin(args: argparse.Namespace, fn: Callable[[Database], Awaitable[Any]]) -> int:
-    settings = _settings(args)
+def _admin_settings(args: argparse.Namespace, settings: Settings | None = None) -> Settings:
+    """An admin command's settings: quiet logs, and a database that already exists."""
+    settings = settings or _settings(args)
     configure_logging(settings.logging.format, "warning")
     _existing(settings, args)
-    return anyio.run(_with_db, settings, fn) or 0
+    return settings
+
+
+def _admin(args: argparse.Namespace, fn: Callable[[Database], Awaitable[Any]], settings: Settings | None = None) -> int:
+    return anyio.run(_with_db, _admin_settings(args, settings), fn) or 0
 
 
 def cmd_teams_create(args: argparse.Namespace) -> int:
@@ -223,10 +228,7 @@ def cmd_teams_route(args: argparse.Namespace) -> int:
             weights = "".join(f" {k}={v:g}" for k, v in r.get("weights", {}).items())
             print(f"team {team.id}  {op}: {r['strategy']} {','.join(r['providers'])}{weights}")
 
-    configure_logging(settings.logging.format, "warning")
-    _existing(settings, args)
-    anyio.run(_with_db, settings, go)
-    return 0
+    return _admin(args, go, settings)
 
 
 def cmd_credits_add(args: argparse.Namespace) -> int:
@@ -276,9 +278,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from gateway import retention
     from gateway.context import open_gateway
 
-    settings = _settings(args)
-    configure_logging(settings.logging.format, "warning")
-    _existing(settings, args)
+    settings = _admin_settings(args)
 
     async def go() -> None:
         async with open_gateway(settings) as gw:

@@ -25,6 +25,7 @@ import anyio
 import structlog
 
 from gateway.store import jobs as jobs_store
+from gateway.store import loras as loras_store
 
 log = structlog.get_logger()
 
@@ -74,7 +75,7 @@ async def _sweep_work(gw: Any, t: float) -> int:
     if loras_dir.is_dir():
         names = [p.name for p in loras_dir.iterdir() if p.is_dir()]
         async with gw.db.read() as conn:
-            ended = await jobs_store.terminal_ids(conn, "loras", names)
+            ended = await loras_store.ended_ids(conn, names)
         for name in ended:
             await anyio.to_thread.run_sync(lambda n=name: shutil.rmtree(loras_dir / n, ignore_errors=True))
             removed += 1

@@ -31,6 +31,3 @@ class UrlSigner:
         if int(expires) < (time.time() if at is None else at):
             return "expired"
         return "ok"
-
-    def verify(self, key: str, expires: str | None, sig: str | None, *, at: float | None = None) -> bool:
-        return self.check(key, expires, sig, at=at) == "ok"

@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
+from gateway.errors import split_validation_error
+
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
     "array": "a list", "object": "an object", "null": "null",
@@ -102,8 +104,6 @@ def phrase(root: Any, path: str, message: str) -> str:
 def decode_error_message(root: Any, err: msgspec.ValidationError) -> tuple[str, str]:
     """``(path, message)`` for a msgspec error decoding into ``root``; an unknown or missing
     field is named in the path (``Unknown field``, ``Required``)."""
-    from gateway.errors import split_validation_error
-
     path, msg = split_validation_error(err)
     unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
     missing = re.match(r"Object missing required field `([^`]+)`", msg)

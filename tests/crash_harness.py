@@ -132,6 +132,25 @@ class GatewayProcess:
                 self.proc.wait()
 
 
+def wait_until_ready(procs: list["GatewayProcess"], timeout: float = 90) -> None:
+    """Block until every process answers ``/readyz`` (for synchronous tests and fixtures)."""
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    with httpx.Client(timeout=2) as client:
+        while pending:
+            for p in list(pending):
+                if p.proc is not None and p.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {p.proc.returncode}; see {p.log_dir}")
+                try:
+                    if client.get(f"{p.base}/readyz").status_code == 200:
+                        pending.remove(p)
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateways not ready: {[p.log_dir for p in pending]}")
+            time.sleep(0.1)
+
+
 def _write_config(path: Path, data_dir: Path, database_url: str | None = None) -> None:
     path.write_text(yaml.safe_dump({
         "data_dir": str(data_dir),

@@ -3,21 +3,17 @@ and, in a real headless Chromium that may reach nothing but 127.0.0.1, they list
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 import yaml
 
 from tests.conftest import Api
+from tests.crash_harness import GatewayProcess, _free_port, wait_until_ready
 
 URL_RE = re.compile(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]|url\(\s*['"]?([^'")]+)""")
 PAGES = ["/schema", "/schema/swagger", "/schema/redoc"]
@@ -50,28 +46,15 @@ def _chromium() -> str | None:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "logging": {"level": "warning"}}))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
+    gw = GatewayProcess(cfg, _free_port(), tmp_path)
+    gw.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.1)
-        yield base
+        wait_until_ready([gw])
+        yield gw.base
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        gw.stop()
 
 
 def _dom(url: str, tmp_path: Path) -> str:

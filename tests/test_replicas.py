@@ -18,7 +18,7 @@ import yaml
 from gateway.config import settings_from_mapping
 from gateway.services import accounts
 from gateway.store.db import database_at
-from tests.crash_harness import GatewayProcess, HarnessConfig, _free_port, run
+from tests.crash_harness import GatewayProcess, HarnessConfig, _free_port, run, wait_until_ready
 from tests.images import image_set, multipart_files
 
 ADMIN = "replica-admin-token"
@@ -54,24 +54,6 @@ class Replicas:
             await db.close()
 
 
-def _wait_ready(procs: list[GatewayProcess], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(procs)
-    with httpx.Client(timeout=2) as client:
-        while pending:
-            for p in list(pending):
-                if p.proc is not None and p.proc.poll() is not None:
-                    raise RuntimeError(f"replica exited with {p.proc.returncode}; see {p.log_dir}")
-                try:
-                    if client.get(f"{p.base}/readyz").status_code == 200:
-                        pending.remove(p)
-                except httpx.HTTPError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"replicas not ready: {[p.log_dir for p in pending]}")
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def replicas(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     """Three replicas started together on an empty database: they take turns migrating it."""
@@ -97,7 +79,7 @@ def replicas(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         for p in procs:
             p.start()
-        _wait_ready(procs)
+        wait_until_ready(procs)
         yield Replicas(procs, url, cfg)
     finally:
         for p in procs:

@@ -5,16 +5,8 @@ operation documents, its documented media type, and a body that matches its sche
 
 from __future__ import annotations
 
-import os
-import re
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 import yaml
 
@@ -26,52 +18,29 @@ from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance, response_schema_conformance, status_code_conformance,
 )
+from tests.crash_harness import GatewayProcess, _free_port, wait_until_ready  # noqa: E402
 
 EXAMPLES = 12
 
 
-def _serve(tmp: Path) -> tuple[subprocess.Popen, str, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    tmp = tmp_path_factory.mktemp("schemathesis")
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump({
         "data_dir": str(tmp / "data"), "logging": {"level": "warning"},
         "teams": {"rate_limit_per_minute": 0},
         "providers": {"sandbox": {"training_seconds": 1, "queue_seconds": 0.1}},
     }))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ})
-    key = None
-    deadline = time.monotonic() + 60
-    assert proc.stdout is not None
-    while key is None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"(afk_[A-Za-z0-9_-]{32,})", line)
-        key = m.group(1) if m else None
-    assert key, "the gateway printed no key"
-    base = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return proc, base, key
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    proc, base, key = _serve(tmp_path_factory.mktemp("schemathesis"))
+    gw = GatewayProcess(cfg, _free_port(), tmp)
+    gw.start()
     try:
-        yield base, key
+        wait_until_ready([gw])
+        key = gw.first_key()
+        assert key, "the gateway printed no key"
+        yield gw.base, key
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        gw.stop()
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

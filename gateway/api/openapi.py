@@ -321,8 +321,6 @@ def _fill(op: Operation, path: str, spec: Doc, refs: dict[str, Any]) -> None:
         responses[str(status)] = OpenAPIResponse(description=DESCRIPTIONS[status], content=_content("application/json", shape, refs))
     op.responses = responses  # type: ignore[assignment]
     params: list[Any] = [p for p in (op.parameters or []) if getattr(p, "param_in", None) == "path"]
-    for p in params:  # ids are UUIDs (anything else is a 400)
-        p.schema = Schema(type="string")  # type: ignore[union-attr]
     for p in spec.params:
         params.append(Parameter(name=p["name"], param_in=p["in"], schema=p["schema"],  # type: ignore[arg-type]
                                 description=p.get("description") or None, required=False))

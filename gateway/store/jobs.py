@@ -93,14 +93,3 @@ async def mark_expired(conn: Connection, job_ids: list[str], at: float) -> None:
     await conn.executemany("UPDATE jobs SET expired_at = ? WHERE id = ? AND expired_at IS NULL",
                            [(at, job_id) for job_id in job_ids])
 
-
-async def terminal_ids(conn: Connection, table: str, ids: list[str]) -> set[str]:
-    """Those of ``ids`` (rows of ``loras`` or ``jobs``) that are missing or in a terminal state."""
-    if not ids:
-        return set()
-    active = {"loras": ("PENDING", "UPLOADING", "TRAINING"), "jobs": ACTIVE_JOB}[table]
-    marks = ", ".join("?" for _ in ids)
-    rows = await conn.execute_fetchall(
-        f"SELECT id FROM {table} WHERE id IN ({marks}) AND status IN ({', '.join('?' for _ in active)})",
-        (*ids, *active))
-    return set(ids) - {r[0] for r in rows}

@@ -68,6 +68,15 @@ async def count_active_trainings(conn: Connection, team_id: str) -> int:
     )
     return int(list(rows)[0][0])
 
+async def ended_ids(conn: Connection, ids: list[str]) -> set[str]:
+    """Those of ``ids`` whose LoRA is missing or no longer active (``ACTIVE_LORA``)."""
+    if not ids:
+        return set()
+    rows = await conn.execute_fetchall(
+        f"SELECT id FROM loras WHERE id IN ({marks(ids)}) AND status IN ({marks(ACTIVE_LORA)})", (*ids, *ACTIVE_LORA))
+    return set(ids) - {r[0] for r in rows}
+
+
 async def update_lora(conn: Connection, lora_id: str, *, lease: str | None = None, **fields: Any) -> bool:
     """Update a lora; with ``lease`` only if that worker still holds it. Returns whether it did."""
     return await update_leased(conn, "loras", LORA_COLUMNS, lora_id, lease, fields)
